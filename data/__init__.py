@@ -1,0 +1,1 @@
+"""Small inputs written for hierarcaps (demo captions, profiles), shipped as ``hierarcaps.resources``."""

@@ -1,0 +1,1 @@
+"""Prompt templates of the build stages, shipped as package data (``hierarcaps.prompts``)."""
