@@ -57,13 +57,31 @@ def radius(e: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
     return _safe_norm(e - root)
 
 
+def _direction(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit vector of ``x`` and whether it has one. (..., D) -> ((..., D), (...) bool)."""
+    n = _safe_norm(x)
+    has_direction = n > EPS_NORM
+    # A (near-)zero vector is divided by 1 instead of ~0, so neither value nor gradient blows up.
+    safe_n = torch.where(has_direction, n, torch.ones_like(n))
+    return x / safe_n.unsqueeze(-1), has_direction
+
+
+def cos_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of the angle between ``a`` and ``b``: (..., D) -> (...) in [-1, 1].
+
+    Where either vector is (numerically) zero it has no direction: the cosine is 0 there, with a
+    zero gradient.
+    """
+    ua, valid_a = _direction(a)
+    ub, valid_b = _direction(b)
+    # Rounding can push |cos| of unit vectors a hair past 1.
+    cos = (ua * ub).sum(-1).clamp(-1.0, 1.0)
+    return torch.where(valid_a & valid_b, cos, torch.zeros_like(cos))
+
+
 def angle_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Angle in [0, pi] between vectors ``a`` and ``b`` (..., D) -> (...); pi/2 if either is zero."""
-    na, nb = _safe_norm(a), _safe_norm(b)
-    # A zero vector has no direction: its cosine with anything is taken as 0.
-    denom = (na * nb).clamp_min(EPS_NORM)
-    cos = (a * b).sum(-1) / denom
-    return safe_arccos(cos)
+    """Angle in [0, pi] between vectors ``a`` and ``b``: (..., D) -> (...); pi/2 if either is zero."""
+    return safe_arccos(cos_angle(a, b))
 
 
 def exterior_angle(e: torch.Tensor, e_child: torch.Tensor, apex: torch.Tensor) -> torch.Tensor:
@@ -77,6 +95,4 @@ def exterior_angle(e: torch.Tensor, e_child: torch.Tensor, apex: torch.Tensor) -
 
 def cos_exterior(e: torch.Tensor, e_child: torch.Tensor, apex: torch.Tensor) -> torch.Tensor:
     """``cos Ξ_apex(e, e_child)`` in [-1, 1]: shapes as :func:`exterior_angle`."""
-    a, b = e - apex, e_child - e
-    denom = (_safe_norm(a) * _safe_norm(b)).clamp_min(EPS_NORM)
-    return ((a * b).sum(-1) / denom).clamp(-1.0, 1.0)
+    return cos_angle(e - apex, e_child - e)
