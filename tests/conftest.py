@@ -1,4 +1,8 @@
-"""Shared test set-up: an isolated Prefect home, no telemetry, no hub access."""
+"""Shared test set-up: an isolated Prefect home, no telemetry, no hub access, tiny models.
+
+The environment is set before anything imports Prefect or huggingface_hub (both read it at
+import time), hence the imports below the settings.
+"""
 
 from __future__ import annotations
 
@@ -10,3 +14,64 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402  (after the environment settings above)
+
+import pytest  # noqa: E402
+
+from hierarcaps.tiny_models import build_tiny_model  # noqa: E402
+
+# Tiny random models with real architectures (hierarcaps.tiny_models), built once per test
+# session into a temporary folder; each fixture returns the save_pretrained folder.
+
+
+def _tiny(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
+    return build_tiny_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama causal LM, no chat template, no pad token (like Llama-2 base)."""
+    return _tiny(tmp_path_factory, "causal_lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama causal LM with a Llama-2-style [INST] chat template."""
+    return _tiny(tmp_path_factory, "chat_lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """T5 seq2seq LM; its tokenizer lacks → and ← (they map to <unk>)."""
+    return _tiny(tmp_path_factory, "seq2seq")
+
+
+@pytest.fixture(scope="session")
+def tiny_nli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BART NLI classifier, id2label {0: contradiction, 1: neutral, 2: entailment}."""
+    return _tiny(tmp_path_factory, "nli")
+
+
+@pytest.fixture(scope="session")
+def tiny_nli_shuffled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny NLI network with permuted head rows and id2label {0: ENTAILMENT, 1: Contradiction, 2: neutral}."""
+    return _tiny(tmp_path_factory, "nli_shuffled")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """transformers CLIPModel + CLIPProcessor (32x32 images, 77 text positions)."""
+    return _tiny(tmp_path_factory, "hf_clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """open_clip CLIP folder: load with open_clip.create_model_and_transforms("local-dir:" + str(path))."""
+    return _tiny(tmp_path_factory, "open_clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small BertModel + WordPiece tokenizer."""
+    return _tiny(tmp_path_factory, "text_encoder")
