@@ -1,0 +1,155 @@
+"""Helpers shared by the evaluators: embedding in batches, image loading, provenance, atomic writes.
+
+Every evaluator talks to a model only through a :class:`finetune.backends.Backend`-like object:
+``encode_text(texts, batch_size) -> (N, D)`` and ``encode_images(images, batch_size) -> (N, D)``,
+both L2-normalised and without gradient. Images are opened and encoded chunk by chunk, so a
+thousand COCO images never sit in memory at full resolution at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_COCO_ID = re.compile(r"_(\d+)\.[A-Za-z]+$")
+
+
+class Encoder(Protocol):
+    """The part of a ``finetune.backends.Backend`` that evaluation uses."""
+
+    name: str
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor: ...
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor: ...
+
+
+def text_root(encoder: Encoder) -> torch.Tensor:
+    """The entailment root: the normalised embedding of the empty string ``""``. Returns (D,)."""
+    return encoder.encode_text([""])[0].float().cpu()
+
+
+def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU."""
+    return encoder.encode_text(list(texts), batch_size=batch_size).float().cpu()
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open an image file as RGB (COCO holds a few greyscale images)."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def encode_image_files(encoder: Encoder, paths: Sequence[Path], batch_size: int = 64) -> torch.Tensor:
+    """Normalised embeddings of the image files, opened ``batch_size`` at a time: (N, D) float32."""
+    chunks = []
+    for start in range(0, len(paths), batch_size):
+        images = [open_rgb(p) for p in paths[start : start + batch_size]]
+        chunks.append(encoder.encode_images(images, batch_size=batch_size).float().cpu())
+    if not chunks:
+        raise ValueError("no images to encode")
+    return torch.cat(chunks)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def resolve_image_refs(image_refs: Sequence[str], images_dir: Path) -> list[Path]:
+    """Map each image reference (a URL, a file name or a path) to a file in ``images_dir``.
+
+    A reference matches a file with the same base name or, for COCO, the same numeric image id
+    (as the released evaluator matches them). Raises ``FileNotFoundError`` naming the missing ones.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images folder {images_dir} does not exist; pass --images with the test images")
+    files = list_images(images_dir)
+    by_name = {p.name: p for p in files}
+    by_id = {}
+    for p in files:
+        m = _COCO_ID.search(p.name)
+        if m:
+            by_id[int(m.group(1))] = p
+    resolved, missing = [], []
+    for ref in image_refs:
+        name = ref.rstrip("/").rsplit("/", 1)[-1]
+        m = _COCO_ID.search(name)
+        path = by_name.get(name) or (by_id.get(int(m.group(1))) if m else None)
+        if path is None and Path(ref).is_file():
+            path = Path(ref)
+        if path is None:
+            missing.append(ref)
+        resolved.append(path)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image reference(s) have no file in {images_dir}, e.g. {missing[:3]}; "
+            "download those images into that folder (file names as in the URLs)"
+        )
+    return resolved
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_sha256(obj: Any) -> str:
+    """Hex sha256 of the canonical JSON of ``obj`` (for inputs that are not files)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def package_versions(names: Iterable[str] = ("hierarcaps", "torch", "transformers", "open_clip_torch", "numpy", "scipy")) -> dict[str, str | None]:
+    """Installed versions of the packages that decide the numbers (None when absent), plus Python."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays and paths."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")

@@ -1,0 +1,243 @@
+"""HierarCaps hierarchical retrieval: metric functions on hand-made cases, the vectorised search
+against a plain per-image loop, and the released-semantics path on the real test set."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kendalltau
+
+from finetune.evaluation.retrieval import (
+    Candidates,
+    RetrievalSet,
+    global_thresholds,
+    index_test_set,
+    kendall_tau_order,
+    kept_predictions,
+    load_test_set,
+    precision_recall,
+    predicted_chains,
+    read_test_csv,
+    retrieve,
+    summarize,
+    threshold_predictions,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps"
+
+
+# --- Kendall tau_d ---------------------------------------------------------------------------
+
+
+def test_kendall_tau_hand_cases():
+    radii = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.1, 0.3, 0.2, 0.4], [0.1, 0.1, 0.2, 0.3]])
+    tau = kendall_tau_order(radii)
+    # 6 pairs: all concordant; all discordant; one swap (5 - 1) / 6; one tie: 5 / sqrt(5 * 6).
+    np.testing.assert_allclose(tau, [1.0, -1.0, 4 / 6, 5 / math.sqrt(30)])
+
+
+def test_kendall_tau_matches_scipy_tau_b():
+    rng = np.random.default_rng(0)
+    radii = rng.integers(0, 3, size=(200, 4)).astype(float)  # many ties on purpose
+    radii = radii[~(radii == radii[:, :1]).all(1)]
+    expected = [kendalltau(r, [1, 2, 3, 4]).statistic for r in radii]
+    np.testing.assert_allclose(kendall_tau_order(radii), expected, atol=1e-12)
+
+
+def test_kendall_tau_all_tied_is_nan_and_summary_ignores_it():
+    tau = kendall_tau_order(np.array([[0.5, 0.5, 0.5, 0.5], [0.1, 0.2, 0.3, 0.4]]))
+    assert np.isnan(tau[0]) and tau[1] == 1.0
+    s = summarize(np.array([0.5]), np.array([0.25]), tau)
+    assert s["tau_d"] == 1.0 and s["tau_d_undefined_rows"] == 1
+
+
+# --- threshold search ------------------------------------------------------------------------
+
+
+def test_threshold_predictions_hand_case():
+    radii = torch.tensor([0.5, 1.0, 1.5, 1.2])
+    sim = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.8, 0.1, 0.95, 0.9]])
+    thresholds = torch.tensor([0.4, 0.5, 1.0, 1.2, 1.5])
+    preds = threshold_predictions(sim, radii, thresholds)
+    # image 0: nothing below 0.5; then text 0; text 1 (0.9) from 1.0 on.
+    # image 1: text 0; text 0 (0.8 > 0.1); text 3 (0.9) at 1.2; text 2 (0.95) at 1.5.
+    assert preds.tolist() == [[-1, 0, 1, 1, 1], [-1, 0, 0, 3, 2]]
+
+
+def test_threshold_predictions_per_image_thresholds():
+    radii = torch.tensor([0.5, 1.0, 1.5])
+    sim = torch.tensor([[0.1, 0.9, 0.3], [0.1, 0.2, 0.3]])
+    thresholds = torch.tensor([[0.5, 0.9], [0.5, 1.5]])
+    assert threshold_predictions(sim, radii, thresholds).tolist() == [[0, 0], [0, 2]]
+
+
+def test_global_thresholds_span_all_radii():
+    thr = global_thresholds(torch.tensor([0.7, 0.2, 1.1]), 4)
+    np.testing.assert_allclose(thr.numpy(), [0.2, 0.5, 0.8, 1.1])
+
+
+# --- precision / recall with repeated images and duplicate predictions ----------------------
+
+
+def _two_image_case():
+    # texts 0..7: two references for image 0; texts 8..11: the one reference of image 1.
+    chain_ids = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
+    row_image = np.array([0, 0, 1])
+    preds = np.array(
+        [
+            [0, 0, 5, 5, 9, 3],  # consecutive duplicates; 9 is another image's text
+            [-1, 8, 8, 8, 8, 1],  # nothing at the first threshold
+        ]
+    )
+    return preds, chain_ids, row_image
+
+
+def test_precision_recall_multi_reference_hand_case():
+    preds, chain_ids, row_image = _two_image_case()
+    precision, recall = precision_recall(preds, chain_ids, row_image, n_texts=12)
+    # image 0: set {0, 5, 9, 3}, GT = both chains -> 3/4; levels hit: 1 (0), 2 (5), 4 (3) -> 3/4.
+    # image 1: set {8, 1}, GT = {8..11} -> 1/2; level 1 only -> 1/4.
+    np.testing.assert_allclose(precision, [0.75, 0.5])
+    np.testing.assert_allclose(recall, [0.75, 0.25])
+    s = summarize(precision, recall, np.array([1.0, 0.0, 0.5]))
+    assert s["precision"] == pytest.approx(0.625) and s["recall"] == pytest.approx(0.5)
+    assert s["tau_d"] == pytest.approx(0.5)
+    assert s["f1"] == pytest.approx(2 * 0.625 * 0.5 / 1.125)
+
+
+def test_paper_variant_drops_prediction_nearest_root():
+    preds, chain_ids, row_image = _two_image_case()
+    precision, recall = precision_recall(preds, chain_ids, row_image, n_texts=12, drop_first=True)
+    # image 0: {5, 9, 3} -> 2/3, levels 2 and 4 -> 1/2; image 1: {1} -> 0, no level -> 0.
+    np.testing.assert_allclose(precision, [2 / 3, 0.0])
+    np.testing.assert_allclose(recall, [0.5, 0.0])
+
+
+def test_predicted_chains_drop_consecutive_duplicates_only():
+    texts = [f"t{i}" for i in range(4)]
+    preds = np.array([[-1, 0, 0, 2, 2, 0, 3]])
+    assert predicted_chains(preds, texts) == [["t0", "t2", "t0", "t3"]]
+    assert predicted_chains(preds, texts, drop_first=True) == [["t2", "t0", "t3"]]
+    assert kept_predictions(preds).tolist() == [[False, True, False, True, False, True, True]]
+
+
+# --- data loading ----------------------------------------------------------------------------
+
+
+def test_index_test_set_shares_duplicate_texts_and_images():
+    test = RetrievalSet(
+        chains=[("animal", "dog", "dog on grass", "a dog on grass"), ("animal", "cat", "cat sleeping", "a cat asleep")],
+        image_refs=["http://x/COCO_val2014_000000000001.jpg"] * 2,
+        origin="inline",
+        sha256="0",
+    )
+    cand = index_test_set(test)
+    assert cand.texts[0] == "animal" and len(cand.texts) == 7
+    assert cand.chain_ids.tolist() == [[0, 1, 2, 3], [0, 4, 5, 6]]
+    assert cand.images == [test.image_refs[0]] and cand.row_image.tolist() == [0, 0]
+
+
+def test_read_test_csv_names_the_bad_line(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text('id,captions,image_url\n0,a => b => c => d,u0\n1,"a => b => c",u1\n')
+    with pytest.raises(ValueError, match=r"t\.csv line 3"):
+        read_test_csv(f)
+    f.write_text("id,text,url\n0,a,b\n")
+    with pytest.raises(ValueError, match="expected columns"):
+        read_test_csv(f)
+
+
+def test_load_test_set_from_dataset_rows():
+    datasets = pytest.importorskip("datasets")
+    rows = [{"positive": ["a", "b", "c", "d"], "image_ref": "img1.jpg"}, {"positive": ["a", "e", "f", "g"], "image_ref": "img2.jpg"}]
+    dd = datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    test = load_test_set(dd)
+    assert test.chains[1] == ("a", "e", "f", "g") and test.image_refs == ["img1.jpg", "img2.jpg"]
+    assert test.sha256_of == "rows" and len(test.sha256) == 64
+
+
+# --- vectorised search against a plain loop --------------------------------------------------
+
+
+def _released_loop(text_emb, image_emb, root, cand, steps):
+    """Independent per-image loop written after the released evaluator's description (SPEC 4)."""
+    radii = (text_emb - root).norm(dim=-1).double()
+    levels = np.linspace(float(radii.min()), float(radii.max()), steps)
+    precisions, recalls = [], []
+    for i in range(len(cand.images)):
+        s = text_emb @ image_emb[i]
+        preds = []
+        for thr in levels:
+            mask = radii <= thr
+            idx = torch.nonzero(mask).flatten()
+            t = int(idx[s[idx].argmax()])
+            if not preds or preds[-1] != t:
+                preds.append(t)
+        refs = [cand.chain_ids[r] for r in np.nonzero(cand.row_image == i)[0]]
+        gt = {t for ref in refs for t in ref}
+        sp = set(preds)
+        precisions.append(len(sp & gt) / max(1, len(sp)))
+        recalls.append(sum(any(ref[k] in sp for ref in refs) for k in range(4)) / 4)
+    return np.array(precisions), np.array(recalls)
+
+
+def test_vectorised_released_search_matches_plain_loop():
+    rng = torch.Generator().manual_seed(0)
+    n_texts, n_images, d = 40, 9, 8
+    text_emb = torch.nn.functional.normalize(torch.randn(n_texts, d, generator=rng), dim=-1)
+    image_emb = torch.nn.functional.normalize(torch.randn(n_images, d, generator=rng), dim=-1)
+    root = torch.nn.functional.normalize(torch.randn(d, generator=rng), dim=-1)
+    chain_ids = torch.randint(0, n_texts, (14, 4), generator=rng).numpy()
+    row_image = np.concatenate([np.arange(n_images), torch.randint(0, n_images, (5,), generator=rng).numpy()])
+    cand = Candidates([f"t{i}" for i in range(n_texts)], chain_ids, [f"i{i}" for i in range(n_images)], row_image)
+    out = retrieve(text_emb, image_emb, root, cand, "released", steps=50)
+    p_loop, r_loop = _released_loop(text_emb, image_emb, root, cand, 50)
+    np.testing.assert_allclose(out["precision"], p_loop)
+    np.testing.assert_allclose(out["recall"], r_loop)
+    assert out["predictions"].shape == (n_images, 50) and (out["predictions"] >= 0).all()
+
+
+def test_retrieve_geometric_hand_case():
+    """Texts on a great circle through the root: radius grows with the angle from the root."""
+    root = torch.tensor([1.0, 0.0, 0.0])
+
+    def at(angle, z=0.0):
+        return torch.nn.functional.normalize(torch.tensor([math.cos(angle), math.sin(angle), z]), dim=0)
+
+    # one chain with radii 0.3, 0.6, 0.9, 1.2 (|e - r| = 2 sin(angle / 2)); an image nearest T4
+    text_emb = torch.stack([at(2 * math.asin(r / 2)) for r in (0.3, 0.6, 0.9, 1.2)])
+    image_emb = torch.stack([at(1.3, 0.1)])
+    cand = Candidates(["T1", "T2", "T3", "T4"], np.array([[0, 1, 2, 3]]), ["img"], np.array([0]))
+    out = retrieve(text_emb, image_emb, root, cand, "released", steps=7)
+    np.testing.assert_allclose(out["radii"], [0.3, 0.6, 0.9, 1.2], atol=1e-6)
+    # thresholds 0.3, 0.45, ..., 1.2: each tier enters in turn and is nearer the image than the last.
+    assert predicted_chains(out["predictions"], cand.texts) == [["T1", "T2", "T3", "T4"]]
+    assert out["precision"][0] == 1.0 and out["recall"][0] == 1.0 and out["tau"][0] == 1.0
+    paper = retrieve(text_emb, image_emb, root, cand, "paper", steps=4)
+    # nearest text to the image is T4; thresholds linspace(r(T1), r(T4)); T1 is dropped.
+    assert predicted_chains(paper["predictions"], cand.texts, drop_first=True)[0][-1] == "T4"
+    assert "T1" not in predicted_chains(paper["predictions"], cand.texts, drop_first=True)[0]
+    assert paper["recall"][0] < 1.0
+
+
+def test_retrieve_rejects_unknown_variant():
+    cand = Candidates(["a"], np.array([[0, 0, 0, 0]]), ["i"], np.array([0]))
+    with pytest.raises(ValueError, match="variant"):
+        retrieve(torch.eye(1), torch.eye(1), torch.eye(1)[0], cand, "other")
+
+
+# --- real data ------------------------------------------------------------------------------
+
+
+def test_real_test_csv_parses():
+    if not (DATA / "hierarcaps_test.csv").is_file():
+        pytest.skip(f"real HierarCaps data not found at {DATA}")
+    test = read_test_csv(DATA / "hierarcaps_test.csv")
+    cand = index_test_set(test)
+    assert len(test) == 1000 and len(cand.images) == 1000
+    assert all(len(c) == 4 for c in test.chains)
