@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import importlib.resources
 import json
 import random
 from dataclasses import dataclass
@@ -77,6 +78,14 @@ class _Raw:
 
     caption: str | None
     image_ref: str
+
+
+def demo_source(name: str) -> Path:
+    """Path of a shipped demo input (``cc_captions.tsv``, ``coco_captions.json``) for the smoke profile."""
+    path = Path(str(importlib.resources.files("hierarcaps.resources") / "demo" / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo source {name!r} in {path.parent}; shipped: cc_captions.tsv, coco_captions.json")
+    return path
 
 
 def _binary_lines(path: Path) -> Iterator[bytes]:

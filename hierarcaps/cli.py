@@ -1,0 +1,63 @@
+"""The ``hierarcaps`` command line: dataset utilities (the build itself is ``build-hierarcaps``).
+
+``hierarcaps convert IN OUT`` converts between the authors' release CSV and our dataset folder:
+
+* ``hierarcaps convert hierarcaps_test.csv out/`` writes a ``DatasetDict`` folder
+  (``save_to_disk``) with the split ``test`` (curated layout) or ``train`` (expanded layout),
+  or the split named by ``--split``; an existing folder gains the split;
+* ``hierarcaps convert out/ test.csv --split test`` writes one split back as a release CSV
+  (``.csv.gz`` compresses); ``--layout`` forces ``curated``, ``expanded`` or ``expanded_id``.
+
+Errors about the input (wrong header, a hierarchy without four tiers, a missing split) print one
+line naming the file and line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from hierarcaps.formats import convert
+from hierarcaps.schema import RELEASE_LAYOUTS, SchemaError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hierarcaps", description="HierarCaps dataset utilities.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conv = commands.add_parser(
+        "convert",
+        help="release CSV <-> dataset folder",
+        description="Convert a HierarCaps release CSV (.csv/.csv.gz) to a DatasetDict folder, or a folder's split to a CSV.",
+    )
+    conv.add_argument("input", metavar="IN", help="a release CSV (.csv, .csv.gz) or a dataset folder")
+    conv.add_argument("output", metavar="OUT", help="a dataset folder (from a CSV) or a .csv/.csv.gz file (from a folder)")
+    conv.add_argument(
+        "--split",
+        help="CSV -> folder: the split to write (default: test for the curated layout, train otherwise); "
+        "folder -> CSV: the split to export (needed when the folder has several)",
+    )
+    conv.add_argument(
+        "--layout",
+        choices=sorted(RELEASE_LAYOUTS),
+        help="folder -> CSV only: the release layout (default: curated when no row has negatives, else expanded)",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output CSV or split")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hierarcaps`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "convert":
+        try:
+            result = convert(args.input, args.output, args.split, layout=args.layout, overwrite=args.overwrite)
+        except SchemaError as err:
+            print(f"hierarcaps convert: error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {result.rows} rows ({result.layout} layout, split {result.split!r}) to {result.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
