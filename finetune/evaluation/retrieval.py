@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from finetune.evaluation.common import (
@@ -47,7 +46,8 @@ from finetune.evaluation.common import (
     text_root,
 )
 from finetune.geometry import radius
-from hierarcaps.hierarchy import N_TIERS, Hierarchy, HierarchyError
+from hierarcaps.formats import load_dataset_folder, read_release_csv
+from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
 
 Variant = Literal["released", "paper"]
 VARIANTS = ("released", "paper")
@@ -69,31 +69,17 @@ class RetrievalSet:
         return len(self.chains)
 
 
-def _chains_from_column(values: Sequence[str], where: str) -> list[tuple[str, str, str, str]]:
-    """Parse release-format chains, naming the CSV line of a bad one."""
-    chains = []
-    for i, text in enumerate(values):
-        try:
-            chains.append(Hierarchy.from_release(str(text)).tiers)
-        except HierarchyError as err:
-            raise ValueError(f"{where} line {i + 2}: {err}") from None
-    return chains
-
-
 def read_test_csv(path: Path) -> RetrievalSet:
-    """Read a release-format CSV: curated test (``id, captions, image_url``) or expanded / train
-    (``positive, negative, image_url``, only the positives are used)."""
+    """Read a release CSV (``hierarcaps.formats.read_release_csv``): curated test (``id, captions,
+    image_url``) or expanded / train (``positive, negative, image_url``; only positives are used).
+
+    Tiers are stripped of surrounding whitespace, as the released evaluator does.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"test file {path} does not exist")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    column = "captions" if "captions" in df.columns else "positive" if "positive" in df.columns else None
-    if column is None or "image_url" not in df.columns:
-        raise ValueError(
-            f"{path}: expected columns 'captions' (or 'positive') and 'image_url', found {list(df.columns)}"
-        )
-    chains = _chains_from_column(df[column].tolist(), str(path))
-    return RetrievalSet(chains, df["image_url"].tolist(), str(path), file_sha256(path), "file")
+    table = read_release_csv(path)
+    column = "captions" if "captions" in table.column_names else "positive"
+    chains = [tuple(t.strip() for t in cell.split(RELEASE_DELIMITER)) for cell in table[column]]
+    return RetrievalSet(chains, list(table["image_url"]), str(path), file_sha256(path), "file")
 
 
 def test_set_from_rows(rows: Any, origin: str = "dataset") -> RetrievalSet:
@@ -118,10 +104,10 @@ def load_test_set(source: Any, split: str = "test") -> RetrievalSet:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            import datasets
-
-            loaded = datasets.load_from_disk(str(path))
-            return load_test_set(loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded, split)
+            folder = load_dataset_folder(path)
+            if split not in folder:
+                raise ValueError(f"{path}: no split {split!r} (found {list(folder)}); pick one with --split")
+            return test_set_from_rows(folder[split], f"{path}[{split}]")
         return read_test_csv(path)
     if hasattr(source, "keys") and split in source.keys() and hasattr(source[split], "column_names"):
         return test_set_from_rows(source[split], f"DatasetDict[{split!r}]")
@@ -268,7 +254,11 @@ class RetrievalRun:
     precision: np.ndarray  # (I,)
     recall: np.ndarray  # (I,)
     tau: np.ndarray  # (n_rows,)
+    text_emb: torch.Tensor  # (T, D) normalised
+    image_emb: torch.Tensor  # (I, D) normalised
+    root: torch.Tensor  # (D,)
     image_paths: list[Path] = field(default_factory=list)
+    draft_size: int | None = None
 
     def chains(self) -> list[list[str]]:
         """Predicted chain per unique image."""
@@ -333,19 +323,23 @@ def run_retrieval(
     steps: int = 50,
     text_batch_size: int = 256,
     image_batch_size: int = 64,
+    draft_size: int | None = None,
 ) -> RetrievalRun:
-    """Embed a test set in batches and run hierarchical retrieval (see :func:`retrieve`)."""
+    """Embed a test set in batches and run hierarchical retrieval (see :func:`retrieve`).
+
+    ``draft_size``: fast approximate JPEG decoding (see ``common.open_rgb``); None decodes fully.
+    """
     test = load_test_set(test_rows)
     cand = index_test_set(test)
     paths = resolve_image_refs(cand.images, Path(images_dir))
     with torch.no_grad():
         root = text_root(encoder)
         text_emb = encode_texts(encoder, cand.texts, text_batch_size)
-        image_emb = encode_image_files(encoder, paths, image_batch_size)
+        image_emb = encode_image_files(encoder, paths, image_batch_size, draft_size)
     out = retrieve(text_emb, image_emb, root, cand, variant, steps)
     return RetrievalRun(
         test, cand, variant, steps, out["radii"], out["predictions"], out["thresholds"],
-        out["precision"], out["recall"], out["tau"], paths,
+        out["precision"], out["recall"], out["tau"], text_emb, image_emb, root, paths, draft_size,
     )
 
 
@@ -363,6 +357,7 @@ def run_metrics(run: RetrievalRun, model: str | None = None, seconds: float | No
         "test_file": run.test.origin,
         "test_sha256": run.test.sha256,
         "test_sha256_of": run.test.sha256_of,
+        "image_draft_size": run.draft_size,
         "seconds": seconds,
         "versions": package_versions(),
     }
@@ -377,6 +372,7 @@ def evaluate_retrieval(
     model: str | None = None,
     text_batch_size: int = 256,
     image_batch_size: int = 64,
+    draft_size: int | None = None,
 ) -> dict[str, Any]:
     """HierarCaps hierarchical retrieval metrics of ``backend`` on ``test_rows``.
 
@@ -386,7 +382,7 @@ def evaluate_retrieval(
     backend, test hash, counts, package versions).
     """
     start = time.perf_counter()
-    run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size)
+    run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size, draft_size)
     metrics = run_metrics(run, model, round(time.perf_counter() - start, 3))
     metrics["backend"] = getattr(backend, "name", type(backend).__name__)
     return metrics
