@@ -1,0 +1,172 @@
+"""The ``build-hierarcaps`` Prefect flow: the HierarCaps build end to end, resumable and sharded.
+
+The flow walks the stage graph of :mod:`hierarcaps.pipeline` in order (captions, seeds,
+augmentation, completer training, positive completion of train and test captions, negatives,
+assembly with validation, card and manifest). Whether a stage or shard must run is decided by
+its directory's ``_SUCCESS`` marker (:mod:`hierarcaps.stagedir`), never by Prefect's result
+cache, whose default key includes the flow-run id and whose source hashing misses helper edits.
+
+Long stages are mapped as one Prefect task per unfinished shard; ``sharding.concurrency`` shards
+run at once on the default thread-pool task runner, or on a Dask cluster with
+``task_runner="dask"`` (prefect-dask; see ``docs/build.md`` for the scheduler, workers and the
+Prefect server it needs). A shard task receives only plain values (the resolved settings as a
+dict, the output folder, the stage and shard index), so it runs the same in a thread or on a
+remote worker that sees the output folder.
+
+By default no server is needed: Prefect starts its ephemeral API on SQLite under
+``PREFECT_HOME``. At the end a summary (counts per stage, rejections per reason, seconds) is
+printed and saved as a Prefect table artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed, wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from hierarcaps.pipeline import FINAL, ORDER, STAGES, Pipeline, release_models
+from hierarcaps.settings import BuildSettings, from_dict, to_dict
+
+PLUMBING_BANNER = "SMOKE PROFILE: this build is a PLUMBING CHECK with tiny random models, NOT usable data."
+
+
+def _pipeline(settings: dict[str, Any], output_dir: str) -> Pipeline:
+    return Pipeline(from_dict(settings), output_dir)
+
+
+@task(name="shard", task_run_name="{stage}-{index:05d}")
+def shard_task(settings: dict[str, Any], output_dir: str, stage: str, index: int) -> dict[str, Any]:
+    """One shard of a long stage (skipped inside when its ``_SUCCESS`` exists)."""
+    return _pipeline(settings, output_dir).run_shard(stage, index)
+
+
+@task(name="stage", task_run_name="{stage}")
+def stage_task(settings: dict[str, Any], output_dir: str, stage: str) -> list[dict[str, Any]]:
+    """A whole stage: unsharded stages, and the merge of a sharded stage's finished shards."""
+    pipe = _pipeline(settings, output_dir)
+    try:
+        return pipe.merge_shards(stage) if STAGES[stage].sharded else pipe.run_stage(stage)
+    finally:
+        release_models()
+
+
+def _progress_bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="shard", leave=True)
+
+
+def run_sharded(
+    pipe: Pipeline, settings: dict[str, Any], stage: str, progress: Callable[[int, str], Any] = _progress_bar
+) -> None:
+    """Submit one task per unfinished shard; wait for all (so finished shards persist), then merge."""
+    n = pipe.shard_count(stage)
+    todo = [i for i in range(n) if not pipe.dirs[stage].shard(i).is_done()]
+    bar = progress(n, stage)
+    bar.update(n - len(todo))
+    futures = [shard_task.submit(settings, str(pipe.output_dir), stage, i) for i in todo]
+    failures = []
+    for future in as_completed(futures):
+        if future.state.is_completed():
+            bar.update(1)
+        else:
+            failures.append(future)
+    wait(futures)
+    bar.close()
+    for future in failures:
+        future.result()  # raises the shard's exception
+    stage_task(settings, str(pipe.output_dir), stage)
+
+
+def summary_rows(pipe: Pipeline, status: dict[str, str], seconds: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per stage (and per caption split): status, counts, rejections, seconds."""
+    rows = []
+    for name in ORDER:
+        if not pipe.is_done(name):
+            continue
+        for stats in pipe.dirs[name].record()["stats"]:
+            rejected = stats.get("rejected", {})
+            rows.append({
+                "stage": stats.get("stage", name),
+                "status": status.get(name, "done before"),
+                "in": stats.get("items_in", 0),
+                "kept": stats.get("kept", 0),
+                "rejected": sum(rejected.values()),
+                "reasons": ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-",
+                "seconds": round(seconds.get(name, stats.get("seconds", 0.0)), 1),
+            })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of summary rows."""
+    if not rows:
+        return "(no stage finished)"
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys), "  ".join("-" * widths[k] for k in keys)]
+    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+@flow(name="build-hierarcaps", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def build_hierarcaps(settings: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """Build a HierarCaps dataset into ``output_dir``; rerunning resumes where it stopped.
+
+    ``settings`` is the resolved settings tree as a dict (:func:`hierarcaps.settings.to_dict`).
+    Returns ``{"final": <path>, "summary": [rows]}``.
+    """
+    logger = get_run_logger()
+    pipe = _pipeline(settings, output_dir)
+    if pipe.settings.plumbing_check:
+        logger.warning(PLUMBING_BANNER)
+    pipe.write_settings()
+    status: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for name in ORDER:
+        if pipe.is_done(name):
+            logger.info("stage %s: done before (%s), skipped", name, pipe.dirs[name].name)
+            continue
+        start = time.perf_counter()
+        logger.info("stage %s: running into %s", name, pipe.dirs[name].path)
+        if STAGES[name].sharded:
+            run_sharded(pipe, settings, name)
+        else:
+            stage_task(settings, str(pipe.output_dir), name)
+        status[name] = "ran"
+        seconds[name] = time.perf_counter() - start
+    rows = summary_rows(pipe, status, seconds)
+    table = format_table(rows)
+    print(f"Build summary ({pipe.output_dir}):\n{table}")
+    create_table_artifact(key="build-hierarcaps-summary", table=rows,
+                          description=f"Counts, rejections and time per stage of {pipe.output_dir}")
+    if pipe.settings.plumbing_check:
+        print(PLUMBING_BANNER)
+    return {"final": str(pipe.dirs[FINAL].path), "summary": rows}
+
+
+def run_build(
+    settings: BuildSettings,
+    output_dir: Path | str,
+    *,
+    task_runner: str = "thread",
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """Run the flow with the chosen task runner (``thread`` or ``dask``)."""
+    concurrency = settings.sharding.concurrency
+    if task_runner == "thread":
+        runner: Any = ThreadPoolTaskRunner(max_workers=concurrency)
+    elif task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
+            cluster_kwargs={"n_workers": concurrency, "threads_per_worker": 1, "processes": True}
+        )
+    else:
+        raise ValueError(f"--task-runner must be 'thread' or 'dask', got {task_runner!r}")
+    return build_hierarcaps.with_options(task_runner=runner)(to_dict(settings), str(Path(output_dir).resolve()))
