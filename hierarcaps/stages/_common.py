@@ -46,3 +46,13 @@ def dump(obj: Any) -> str:
 def rounded(values: Iterable[float]) -> list[float]:
     """Probabilities rounded for provenance (6 digits)."""
     return [round(float(v), 6) for v in values]
+
+
+def load_provenance(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's provenance as a dict (empty when absent); stages add their own key to it."""
+    text = row.get("provenance") or "{}"
+    try:
+        value = json.loads(text) if isinstance(text, str) else dict(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"row provenance is not JSON ({error}): {text[:80]!r}") from error
+    return value if isinstance(value, dict) else {"upstream": value}

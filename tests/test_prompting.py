@@ -1,0 +1,141 @@
+"""Prompt templates, chat vs Llama-2 wrapping, and the batched TextGenerator (tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from hierarcaps.generation import TextGenerator, cut_at_stops
+from hierarcaps.prompting import SEED_PROMPTS, ChatPrompt, PromptError, load_prompt, render_prompts, wrap_chat
+from hierarcaps.stages.completer import add_delimiter_tokens
+
+# ------------------------------------------------------------------ templates (paper, Fig. 7)
+
+
+def test_seed_prompts_are_the_papers_with_partial_answers() -> None:
+    shorten, fill, concept = (load_prompt(name) for name in SEED_PROMPTS)
+    assert shorten.instruction == (
+        "Shorten the following image caption. Feel free to remove details.\n"
+        'Put your answer in quotation marks: " "\n\n"{}"'
+    )
+    assert shorten.partial_answer == (
+        "Sure! Here is the original caption and its shortened version:\n\n"
+        'Original caption: "{}"\nShortened version:'
+    )
+    assert fill.instruction.startswith('You are given the following caption to an image:\n\n"{}"\n')
+    assert fill.instruction.endswith('"A picture of (a/the) ___ ."')
+    assert fill.partial_answer == 'The best word or words to fill in the blank would be: "A picture of (a/the)'
+    assert concept.instruction == (
+        'What term describes a general concept that includes "{}"?\n'
+        'Answer in one or two words, and put your answer in quotation marks: " "'
+    )
+    assert concept.partial_answer == 'The best term that includes the given word or phrase is "'
+    # Only the first prompt lets the model open its own quotation.
+    assert [p.answer_opens_quote for p in (shorten, fill, concept)] == [False, True, True]
+
+
+def test_fill_replaces_every_slot_and_leaves_braces_in_text_alone() -> None:
+    instruction, answer = load_prompt("seed_shorten").fill("a {weird} caption")
+    assert instruction.count("a {weird} caption") == 1 and "{}" not in instruction
+    assert answer.count("a {weird} caption") == 1
+
+
+def test_malformed_template_names_the_prompt() -> None:
+    with pytest.raises(PromptError, match="broken"):
+        ChatPrompt.parse("broken", "no markup here")
+    with pytest.raises(PromptError, match="nonexistent"):
+        load_prompt("nonexistent")
+
+
+def test_llama2_markup_without_chat_template(tiny_causal_lm_dir) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    assert not tokenizer.chat_template
+    text = wrap_chat(tokenizer, "Shorten it.", 'Sure: "')
+    assert text == '[INST] Shorten it. [/INST] Sure: "'
+
+
+def test_chat_template_puts_partial_answer_at_start_of_open_assistant_turn(tiny_chat_lm_dir) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_lm_dir)
+    prompt = load_prompt("seed_general_concept")
+    (text,) = render_prompts(tokenizer, prompt, ["goat on island"])
+    instruction, answer = prompt.fill("goat on island")
+    assert text.startswith(tokenizer.bos_token + "[INST] " + instruction)
+    # The assistant turn is left open: the text ends with the partial answer, no eos after it.
+    assert text.endswith("[/INST] " + answer)
+    assert tokenizer.eos_token not in text
+
+
+# ------------------------------------------------------------------ TextGenerator plumbing
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal_lm_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir), AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+
+
+def test_generate_shapes_seed_determinism_and_call_count(causal) -> None:
+    generator = TextGenerator(*causal)
+    prompts = ["a goat on the island", "dog", "a picture of a cat"]
+    first = generator.generate(prompts, num_return_sequences=4, max_new_tokens=6, seed=3)
+    assert len(first) == 3 and all(len(samples) == 4 for samples in first)
+    assert generator.generate_calls == 1 and generator.sequences_generated == 12
+    assert generator.generate(prompts, num_return_sequences=4, max_new_tokens=6, seed=3) == first
+    assert generator.generate(prompts, num_return_sequences=4, max_new_tokens=6, seed=4) != first
+    assert generator.generate_calls == 3
+
+
+def test_generation_does_not_touch_the_global_rng(causal) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    TextGenerator(*causal).generate(["dog"], max_new_tokens=3, seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_left_padding_gives_each_prompt_the_same_continuation_alone_or_batched(causal) -> None:
+    """Near-greedy sampling (tiny temperature): padding and attention mask must not change the text."""
+    generator = TextGenerator(*causal)
+    short, long = "dog", "a young goat eating leaves of a lemon tree on the island"
+    alone = generator.generate([short], temperature=1e-4, max_new_tokens=8)[0][0]
+    batched = generator.generate([long, short], temperature=1e-4, max_new_tokens=8)[1][0]
+    assert alone == batched
+    # the continuation excludes the prompt
+    assert not batched.startswith(short)
+
+
+def test_chat_prompt_gets_a_single_bos(tiny_chat_lm_dir) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_lm_dir)
+    generator = TextGenerator(AutoModelForCausalLM.from_pretrained(tiny_chat_lm_dir), tokenizer)
+    (prompt,) = render_prompts(tokenizer, load_prompt("seed_shorten"), ["a goat on the island"])
+    ids = generator._tokenize([prompt])["input_ids"][0].tolist()
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id
+    plain = generator._tokenize(["[INST] hello [/INST]"])["input_ids"][0].tolist()
+    assert plain[0] == tokenizer.bos_token_id  # the tokenizer adds it when the text lacks it
+
+
+def test_newline_stop_cuts_every_sample(causal) -> None:
+    generator = TextGenerator(*causal)
+    samples = generator.generate(["goat\n"] * 2, num_return_sequences=8, max_new_tokens=24, stop_at_newline=True)
+    newline_tokens = generator._tokens_containing("\n")
+    assert newline_tokens and set(newline_tokens) <= set(generator._eos_ids(["\n"]))
+    assert all("\n" not in text for batch in samples for text in batch)
+
+
+def test_cut_at_stops_uses_the_earliest_stop() -> None:
+    assert cut_at_stops("frog → toad\nmore", ["\n", "→"]) == "frog "
+    assert cut_at_stops("no stop here", ["\n"]) == "no stop here"
+
+
+def test_seq2seq_decoding_keeps_added_delimiters_and_drops_pad_eos(tiny_seq2seq_dir) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_seq2seq_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_seq2seq_dir)
+    add_delimiter_tokens(tokenizer, model)
+    generator = TextGenerator(model, tokenizer)
+    ids = tokenizer("goat on island ← goat ← animal")["input_ids"]  # ends with eos
+    row = [tokenizer.pad_token_id, *ids, tokenizer.pad_token_id]
+    (text,) = generator.decode(torch.tensor([row]))
+    assert " ".join(text.split()) == "goat on island ← goat ← animal"
+    samples = generator.generate(["goat on island ←", "→"], num_return_sequences=3, max_new_tokens=5)
+    assert [len(s) for s in samples] == [3, 3]
+    assert all(tokenizer.pad_token not in t and tokenizer.eos_token not in t for s in samples for t in s)
