@@ -1,0 +1,214 @@
+"""Typed settings of a fine-tuning run, read from a TOML/YAML file plus ``--set a.b=c`` overrides.
+
+The tree (every key can be set in a file or with ``--set``)::
+
+    model.backend / name_or_path / revision / dtype     which encoder (see finetune.backends)
+    data.source / split / images_dir / exclude_images_from / max_items / num_workers
+    loss.name ("re" | "ec" | "rcme") / weights / ec_margin / ec_epsilon / rcme_alpha / rcme_beta / towers
+    optim.lr / batch_size / epochs / max_steps / betas / eps / weight_decay / scheduler /
+          gradient_accumulation_steps / max_grad_norm
+    run.output_dir / seed / mixed_precision / checkpoint_every / save_total_limit / resume / cpu
+    eval.test_source / images_dir / batch_size                       (used by the Prefect flow)
+
+Settings left empty (``None``) take the paper default of the chosen loss when the run starts
+(:func:`resolve`): RE and EC use the HierarCaps recipe (AdamW, lr 1e-7, batch 8, constant
+schedule, text tower only), RCME the RCME recipe (AdamW β = (0.9, 0.98), ε = 1e-6, lr 1e-5,
+batch 32, one-cycle schedule, both towers). The resolved tree is written to ``run.json``.
+
+The file and override machinery (unknown keys and wrong types are errors that name the key and
+where it came from) is :mod:`hierarcaps.settings`'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hierarcaps.settings import (
+    SettingsError,
+    apply_mapping,
+    apply_override,
+    read_settings_file,
+    to_dict,
+)
+
+__all__ = [
+    "ModelSettings",
+    "DataSettings",
+    "LossSettings",
+    "OptimSettings",
+    "RunSettings",
+    "EvalSettings",
+    "FinetuneSettings",
+    "SettingsError",
+    "load_settings",
+    "resolve",
+    "to_dict",
+    "from_dict",
+    "LOSSES",
+]
+
+LOSSES = ("re", "ec", "rcme")
+SCHEDULERS = ("constant", "one-cycle")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class ModelSettings:
+    """The encoder to align: a backend kind and a hub id, folder or open_clip name."""
+
+    backend: str = "hf-clip"  # hf-clip | open-clip | text
+    name_or_path: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None
+    dtype: str = "auto"  # weights dtype: auto | float32 | bfloat16 | float16
+
+
+@dataclass
+class DataSettings:
+    """Where the train items come from (see :func:`finetune.data.load_train_rows`)."""
+
+    source: str = ""  # DatasetDict folder, Hub dataset id, or release CSV
+    split: str = "train"
+    images_dir: str | None = None  # image_ref base names are looked up here (RCME)
+    exclude_images_from: list[str] = field(default_factory=list)  # release CSVs / folders whose images to leave out
+    max_items: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class LossSettings:
+    """Which loss and its constants (SPEC section 3)."""
+
+    name: str = "re"  # re | ec | rcme
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 10.0])  # RE/EC: mean, minimax, reg
+    ec_margin: float = 0.0
+    ec_epsilon: float = 0.05
+    rcme_alpha: float = math.pi / 2
+    rcme_beta: float = 0.1
+    towers: str | None = None  # text | both; None: text for re/ec, both for rcme
+
+
+@dataclass
+class OptimSettings:
+    """AdamW and schedule; ``None`` takes the chosen loss's paper default."""
+
+    lr: float | None = None
+    batch_size: int | None = None  # per device
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops early when reached
+    betas: list[float] | None = None
+    eps: float | None = None
+    weight_decay: float = 0.01
+    scheduler: str | None = None  # constant | one-cycle
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class RunSettings:
+    """Output, seeding, precision and checkpointing."""
+
+    output_dir: str = "runs/finetune"
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    checkpoint_every: int = 500  # optimizer steps; a checkpoint is also written at the end
+    save_total_limit: int | None = None  # keep only the newest N checkpoints
+    resume: bool = False
+    cpu: bool = False  # force the CPU even where a GPU exists
+
+
+@dataclass
+class EvalSettings:
+    """Retrieval evaluation before and after training (Prefect flow); empty ``test_source`` skips it."""
+
+    test_source: str = ""  # curated test CSV, or a dataset folder with a test split
+    images_dir: str = ""
+    batch_size: int = 256
+
+
+@dataclass
+class FinetuneSettings:
+    """The whole settings tree of one run."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+# Paper defaults per loss: HierarCaps supplementary B.4 (RE, EC) and RCME section 5 (SPEC section 3).
+_HIERARCAPS = {"lr": 1e-7, "batch_size": 8, "betas": [0.9, 0.999], "eps": 1e-8, "scheduler": "constant"}
+_RCME = {"lr": 1e-5, "batch_size": 32, "betas": [0.9, 0.98], "eps": 1e-6, "scheduler": "one-cycle"}
+PAPER_OPTIM = {"re": _HIERARCAPS, "ec": _HIERARCAPS, "rcme": _RCME}
+PAPER_TOWERS = {"re": "text", "ec": "text", "rcme": "both"}
+
+
+def resolve(settings: FinetuneSettings) -> FinetuneSettings:
+    """Fill the empty settings with the chosen loss's paper defaults and check the tree."""
+    validate(settings)
+    defaults = PAPER_OPTIM[settings.loss.name]
+    optim = dataclasses.replace(
+        settings.optim, **{k: v for k, v in defaults.items() if getattr(settings.optim, k) is None}
+    )
+    loss = settings.loss
+    if loss.towers is None:
+        loss = dataclasses.replace(loss, towers=PAPER_TOWERS[loss.name])
+    return dataclasses.replace(settings, optim=optim, loss=loss)
+
+
+def _one_of(value: Any, allowed: Sequence[str], key: str) -> None:
+    if value not in allowed:
+        raise SettingsError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(settings: FinetuneSettings) -> None:
+    """Checks that the types alone cannot express; errors name the setting."""
+    _one_of(settings.model.backend, ("hf-clip", "open-clip", "text"), "model.backend")
+    _one_of(settings.loss.name, LOSSES, "loss.name")
+    if settings.loss.towers is not None:
+        _one_of(settings.loss.towers, ("text", "both"), "loss.towers")
+    if settings.optim.scheduler is not None:
+        _one_of(settings.optim.scheduler, SCHEDULERS, "optim.scheduler")
+    _one_of(settings.run.mixed_precision, MIXED_PRECISION, "run.mixed_precision")
+    if len(settings.loss.weights) != 3:
+        raise SettingsError(f"loss.weights must be three numbers (mean, minimax, reg); got {settings.loss.weights}")
+    if settings.optim.betas is not None and len(settings.optim.betas) != 2:
+        raise SettingsError(f"optim.betas must be two numbers; got {settings.optim.betas}")
+    positive = {
+        "optim.epochs": settings.optim.epochs,
+        "optim.gradient_accumulation_steps": settings.optim.gradient_accumulation_steps,
+        "run.checkpoint_every": settings.run.checkpoint_every,
+        "optim.batch_size": settings.optim.batch_size,
+        "optim.max_steps": settings.optim.max_steps,
+        "data.max_items": settings.data.max_items,
+    }
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise SettingsError(f"{key} must be at least 1; got {value}")
+    if not settings.data.source:
+        raise SettingsError("data.source is empty: give a dataset folder, a Hub dataset id or a release CSV")
+    if settings.loss.name == "rcme" and settings.model.backend == "text":
+        raise SettingsError("loss.name=rcme aligns images too: choose model.backend hf-clip or open-clip")
+
+
+def load_settings(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneSettings:
+    """Defaults, then the settings file (TOML or YAML, same nesting), then ``--set`` overrides.
+
+    Not yet resolved: :func:`resolve` fills loss-specific defaults when the run starts.
+    """
+    settings = FinetuneSettings()
+    if path is not None:
+        settings = apply_mapping(settings, read_settings_file(Path(path)), str(path))
+    for text in overrides:
+        settings = apply_override(settings, text)
+    return settings
+
+
+def from_dict(data: dict[str, Any]) -> FinetuneSettings:
+    """Inverse of :func:`to_dict` (checked like a settings file)."""
+    return apply_mapping(FinetuneSettings(), data, "settings")

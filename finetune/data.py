@@ -1,0 +1,171 @@
+"""Train items for alignment: loading, test-image exclusion, unique texts and images.
+
+A source is one of
+
+* a ``DatasetDict`` folder in the hierarcaps schema (the ``dataset`` folder that
+  ``build-hierarcaps`` writes, or ``hierarcaps convert`` output); a single-``Dataset`` folder is
+  its ``train`` split;
+* an authors' release CSV (``positive,negative,image_url``, tiers joined by ``" => "``; read with
+  :mod:`hierarcaps.formats`);
+* a Hugging Face Hub dataset id, in the hierarcaps schema or the release layout.
+
+Every train item needs four positive and four negative tiers. SPEC section 5: the expanded
+test release shares 4,709 rows' images with the curated test set; ``exclude_images_from`` lists
+sources whose images must not be trained on (matched by file name of the image reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from datasets import Dataset, Value
+
+from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
+from hierarcaps.hierarchy import N_TIERS
+from hierarcaps.schema import release_layout, release_to_rows
+
+TEXTS_PER_ITEM = 2 * N_TIERS  # P1..P4 then N1..N4
+
+
+class TrainDataError(ValueError):
+    """A train source cannot be used; the message names the source, split or row and what to do."""
+
+
+@dataclass
+class TrainData:
+    """Train items as parallel lists; ``texts[index[j, k]]`` is text k (P1..P4, N1..N4) of item j."""
+
+    ids: list[str]
+    positive: list[list[str]]  # (N, 4)
+    negative: list[list[str]]  # (N, 4)
+    image_refs: list[str]
+    source: str
+    texts: list[str] = field(default_factory=list)  # unique texts, first-seen order
+    index: np.ndarray = field(default_factory=lambda: np.zeros((0, TEXTS_PER_ITEM), dtype=np.int64))  # (N, 8)
+    excluded: int = 0  # items left out because their image is in an excluded (test) source
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _is_csv(path: Path) -> bool:
+    return path.is_file() and str(path).lower().endswith(CSV_SUFFIXES)
+
+
+def _to_schema(table: Dataset, origin: str) -> Dataset:
+    """Schema rows from a table that is either in the hierarcaps schema or a release layout."""
+    if "positive" in table.column_names and not isinstance(table.features["positive"], Value):
+        return table  # already schema rows (positive is a sequence of tiers, not one release text)
+    try:
+        release_layout(table.column_names, where=origin)
+    except ValueError as err:
+        raise TrainDataError(f"{origin}: neither hierarcaps schema rows nor a release table ({err})") from None
+    return release_to_rows(table)
+
+
+def load_rows(source: str, split: str = "train") -> Dataset:
+    """Schema rows of ``split`` from a dataset folder, a release CSV or a Hub dataset id."""
+    path = Path(source)
+    if _is_csv(path):
+        return release_to_rows(read_release_csv(path))
+    if path.is_dir():
+        splits = load_dataset_folder(path)
+        if split not in splits:
+            raise TrainDataError(f"{path}: no split {split!r} (has {', '.join(splits)}); set data.split")
+        return _to_schema(splits[split], f"{path} split {split}")
+    if path.exists():
+        raise TrainDataError(f"{path}: not a dataset folder or a release CSV ({', '.join(CSV_SUFFIXES)})")
+    if source.count("/") != 1:
+        raise TrainDataError(f"{source}: no such file or folder, and not a Hub dataset id (org/name)")
+    from datasets import load_dataset
+
+    try:
+        table = load_dataset(source, split=split)
+    except Exception as err:  # hub errors come in many types; the message carries the cause
+        raise TrainDataError(
+            f"cannot load Hub dataset {source!r} split {split!r}: {type(err).__name__}: {err}. "
+            "Check the id and the network, or give a local folder or release CSV."
+        ) from err
+    return _to_schema(table, f"Hub dataset {source} split {split}")
+
+
+def image_name(ref: str) -> str:
+    """File name of an image reference (URL, path or bare name)."""
+    return ref.rstrip("/").rsplit("/", 1)[-1]
+
+
+def excluded_names(sources: Sequence[str]) -> set[str]:
+    """Image file names of every split of every source (release CSV or dataset folder)."""
+    names: set[str] = set()
+    for source in sources:
+        path = Path(source)
+        if _is_csv(path):
+            tables = [release_to_rows(read_release_csv(path))]
+        elif path.is_dir():
+            tables = list(load_dataset_folder(path).values())
+        else:
+            raise TrainDataError(f"data.exclude_images_from: {source}: no such release CSV or dataset folder")
+        for table in tables:
+            names.update(image_name(r) for r in table["image_ref"] if r)
+    return names
+
+
+def index_texts(positive: list[list[str]], negative: list[list[str]]) -> tuple[list[str], np.ndarray]:
+    """Unique texts (first-seen order) and the (N, 8) index of every item's P1..P4, N1..N4 in them."""
+    lookup: dict[str, int] = {}
+    index = np.empty((len(positive), TEXTS_PER_ITEM), dtype=np.int64)
+    for j, (pos, neg) in enumerate(zip(positive, negative)):
+        for k, text in enumerate([*pos, *neg]):
+            index[j, k] = lookup.setdefault(text, len(lookup))
+    return list(lookup), index
+
+
+def load_train_data(
+    source: str,
+    split: str = "train",
+    exclude_images_from: Sequence[str] = (),
+    max_items: int | None = None,
+) -> TrainData:
+    """Train items of ``source`` (see the module docstring), checked, test images removed.
+
+    Raises :class:`TrainDataError` naming the row when an item lacks four positive or negative tiers.
+    """
+    rows = load_rows(source, split)
+    excluded = excluded_names(exclude_images_from) if exclude_images_from else set()
+    ids, positive, negative, refs = [], [], [], []
+    dropped = 0
+    for i, (id_, pos, neg, ref) in enumerate(zip(rows["id"], rows["positive"], rows["negative"], rows["image_ref"])):
+        if len(pos) != N_TIERS or len(neg) != N_TIERS:
+            raise TrainDataError(
+                f"{source} split {split} row {i} (id {id_!r}): {len(pos)} positive and {len(neg)} negative tiers; "
+                f"training needs {N_TIERS} of each (a train split; test splits carry no negatives)"
+            )
+        if excluded and image_name(ref) in excluded:
+            dropped += 1
+            continue
+        ids.append(str(id_))
+        positive.append(list(pos))
+        negative.append(list(neg))
+        refs.append(ref)
+        if max_items is not None and len(ids) == max_items:
+            break
+    if not ids:
+        raise TrainDataError(f"{source} split {split}: no train items left (rows: {rows.num_rows}, excluded: {dropped})")
+    texts, index = index_texts(positive, negative)
+    return TrainData(ids, positive, negative, refs, source, texts, index, dropped)
+
+
+def resolve_images(data: TrainData, images_dir: str | Path) -> list[Path]:
+    """The image file of every item: its reference's file name (or COCO id) inside ``images_dir``.
+
+    Raises :class:`TrainDataError` naming the missing images and the folder.
+    """
+    from finetune.evaluation.common import resolve_image_refs
+
+    try:
+        return resolve_image_refs(data.image_refs, Path(images_dir))
+    except FileNotFoundError as err:
+        raise TrainDataError(f"data.images_dir: {err}") from None
