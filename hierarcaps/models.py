@@ -27,13 +27,13 @@ and revision and says what to do. :func:`describe_model` records what was loaded
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from packaging.version import Version
 
 __all__ = [
     "ModelLoadError",
@@ -51,7 +51,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZATIONS = (None, "4bit")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 # transformers renamed ``torch_dtype`` to ``dtype`` in 4.56.
-_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+_TRANSFORMERS_VERSION = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+_DTYPE_KWARG = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
 
 
 class ModelLoadError(RuntimeError):
