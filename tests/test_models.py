@@ -119,3 +119,32 @@ def test_label_indices_from_id2label_any_case() -> None:
 def test_non_nli_classifier_is_rejected(tiny_text_encoder_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="id2label"):
         load_nli(ModelSpec(str(tiny_text_encoder_dir)))
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [
+        (OSError("Cannot access gated repo for url https://huggingface.co/meta-llama/x. 401 Client Error"),
+         "huggingface-cli login"),
+        (ImportError("T5Tokenizer requires the SentencePiece library: pip install sentencepiece"),
+         "install the missing package"),
+        (ValueError("The repository requires you to execute code; pass trust_remote_code=True"),
+         "set trust_remote_code to true"),
+        (OSError("invalid-rev is not a valid git identifier (branch name, tag name or commit id)"),
+         "check the revision"),
+    ],
+)
+def test_hub_failures_get_specific_advice(monkeypatch: pytest.MonkeyPatch, error: Exception, advice: str) -> None:
+    """The hub cannot be reached here, so its failures are raised by a stand-in for from_pretrained."""
+    seen: dict = {}
+
+    def fail(name: str, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", fail)
+    with pytest.raises(ModelLoadError, match=f"(?s)'meta-llama/Llama-2-13b-chat-hf@abc'.*{advice}") as caught:
+        load_causal_lm(ModelSpec("meta-llama/Llama-2-13b-chat-hf", revision="abc", device="cpu"))
+    assert caught.value.__cause__ is error
+    assert seen == {"trust_remote_code": False, "revision": "abc"}
