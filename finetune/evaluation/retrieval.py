@@ -204,21 +204,21 @@ def precision_recall(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-image retrieval precision and recall against multi-reference ground truth.
 
-    ``preds``: (I, S) candidate indices (-1: none); ``chain_ids``: (n_rows, 4) candidate index of
-    each row's tier k; ``row_image``: (n_rows,) image index of each row. Returns two (I,) arrays:
+    ``preds``: (I, S) candidate indices (-1: none); ``chain_ids``: (n_rows, L) candidate index of
+    each row's tier k (L = 4 for HierarCaps, the number of ranks for a taxonomy); ``row_image``: (n_rows,) image index of each row. Returns two (I,) arrays:
     precision = |set(preds) ∩ GT| / max(1, |set(preds)|), GT = union of the image's chains;
     recall = fraction of levels k at which some reference's level-k text is in set(preds).
     """
-    n_images = preds.shape[0]
+    n_images, n_levels = preds.shape[0], chain_ids.shape[1]
     kept = kept_predictions(preds, drop_first)
     predicted = np.zeros((n_images, n_texts), dtype=bool)
     rows, cols = np.nonzero(kept)
     predicted[rows, preds[rows, cols]] = True
     in_gt = np.zeros((n_images, n_texts), dtype=bool)
-    in_gt[np.repeat(row_image, N_TIERS), chain_ids.reshape(-1)] = True
+    in_gt[np.repeat(row_image, n_levels), chain_ids.reshape(-1)] = True
     n_pred = predicted.sum(1)
     precision = (predicted & in_gt).sum(1) / np.maximum(1, n_pred)
-    level_hit = np.zeros((n_images, N_TIERS), dtype=bool)
+    level_hit = np.zeros((n_images, n_levels), dtype=bool)
     np.logical_or.at(level_hit, row_image, predicted[row_image[:, None], chain_ids])
     recall = level_hit.mean(1)
     return precision, recall
