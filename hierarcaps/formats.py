@@ -89,10 +89,10 @@ class _OwningTextWrapper(io.TextIOWrapper):
 
 def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(first physical line, fields)`` per CSV record, header included (line 1)."""
+    start = 1
     try:
         with _open_text(path, "r") as handle:
             reader = csv.reader(handle, strict=True)
-            start = 1
             for fields in reader:
                 yield start, fields
                 start = reader.line_num + 1
