@@ -163,7 +163,7 @@ def _advice(spec: ModelSpec, exc: BaseException) -> str:
     if "gated" in text or "401" in text or "403" in text or "restricted" in text:
         return ("the repository is gated: accept its licence on its hub page, then log in with "
                 "`huggingface-cli login` (or set HF_TOKEN)")
-    if "revision" in text or "invalid git" in text:
+    if "revision" in text or "git identifier" in text:
         return "check the revision (branch, tag or commit) exists on the hub"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or "connect" in text or "offline" in text:
         return ("the hub cannot be reached (offline or HF_HUB_OFFLINE=1): download the model where the hub is "
