@@ -11,8 +11,8 @@ candidate in sample order that passes everything.
 
 NLI runs in *waves* so that a caption whose first survivors pass does not pay for its other
 60-odd candidates: wave w scores, for every caption of the batch still undecided, its next
-``nli_wave`` survivors, all in one de-duplicated call. Because survivors are tried in sample
-order and a caption stops at its first valid one, the accepted candidate is exactly the one an
+``nli_wave`` survivors, in one call for the pairs no earlier wave decided. Because survivors
+are tried in sample order and a caption stops at its first valid one, the accepted candidate is exactly the one an
 all-at-once check would accept.
 
 A caption without an accepted candidate is dropped; its reason in the stats is
@@ -79,26 +79,31 @@ def select_first_valid(
 ) -> list[tuple[Candidate, dict[str, list[float]]] | None]:
     """Per caption, the first survivor whose adjacent pairs all pass the entailment test.
 
-    Runs in waves of ``wave`` survivors per undecided caption, one de-duplicated NLI call per
-    wave. Returns ``(candidate, probabilities)`` or ``None`` per caption.
+    Runs in waves of ``wave`` survivors per undecided caption; each wave makes one NLI call
+    for the pairs no earlier wave decided (de-duplicated). Returns ``(candidate,
+    probabilities)`` or ``None`` per caption.
     """
     chosen: list[tuple[Candidate, dict[str, list[float]]] | None] = [None] * len(survivors)
+    known: dict[tuple[str, str], tuple[bool, float, float]] = {}  # pair -> (ok, p_up, p_down)
     offset = 0
     while True:
         pending = [(c, s[offset:offset + wave]) for c, s in enumerate(survivors) if chosen[c] is None]
         pending = [(c, cands) for c, cands in pending if cands]
         if not pending:
             return chosen
-        unique = list(dict.fromkeys(p for _, cands in pending for _, tiers in cands for p in adjacent_pairs(tiers)))
-        decision = entailed_not_entailing(scorer, unique)
-        verdict = {pair: i for i, pair in enumerate(unique)}
+        pairs = (p for _, cands in pending for _, tiers in cands for p in adjacent_pairs(tiers))
+        new = [p for p in dict.fromkeys(pairs) if p not in known]
+        if new:
+            decision = entailed_not_entailing(scorer, new)
+            known.update(zip(new, zip(decision.ok.tolist(), decision.p_specific_entails_general.tolist(),
+                                      decision.p_general_entails_specific.tolist())))
         for c, cands in pending:
             for candidate in cands:
-                rows = [verdict[p] for p in adjacent_pairs(candidate[1])]
-                if all(decision.ok[r] for r in rows):
+                verdicts = [known[p] for p in adjacent_pairs(candidate[1])]
+                if all(ok for ok, _, _ in verdicts):
                     chosen[c] = (candidate, {
-                        "p_specific_entails_general": rounded(decision.p_specific_entails_general[rows]),
-                        "p_general_entails_specific": rounded(decision.p_general_entails_specific[rows]),
+                        "p_specific_entails_general": rounded(up for _, up, _ in verdicts),
+                        "p_general_entails_specific": rounded(down for _, _, down in verdicts),
                     })
                     break
         offset += wave
