@@ -12,8 +12,8 @@ candidate in sample order that passes everything.
 NLI runs in *waves* so that a caption whose first survivors pass does not pay for its other
 60-odd candidates: wave w scores, for every caption of the batch still undecided, its next
 ``nli_wave`` survivors, in one call for the pairs no earlier wave decided. Because survivors
-are tried in sample order and a caption stops at its first valid one, the accepted candidate is exactly the one an
-all-at-once check would accept.
+are tried in sample order and a caption stops at its first valid one, the accepted candidate
+is exactly the one an all-at-once check would accept.
 
 A caption without an accepted candidate is dropped; its reason in the stats is
 ``not_entailed`` when some candidate reached the NLI test, else the most frequent structural
