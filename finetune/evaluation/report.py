@@ -1,0 +1,280 @@
+"""Reports: the qualitative HTML page, plots, and a markdown table comparing checkpoints.
+
+**Qualitative retrieval** (HierarCaps paper section 6.1, the released ``qual.py``): hierarchical
+retrieval for each test image over an *expanded* candidate set (the distinct positive texts of
+``hierarcaps_test_expanded.csv.gz``), global thresholds ``linspace(min R, max R, steps)`` over the
+candidates' radii ``|e - r|``. (The released qualitative script measures genericness as
+``1 - cos(e, r)``; both order texts the same way, only the spacing of thresholds differs.)
+The page shows every image beside its ground-truth chain and the chain each model predicts, so a
+fine-tuned model sits next to its starting point.
+
+**Plots**: the distribution of radii per tier (well-aligned models push T1 nearest the root and T4
+farthest), and the histogram of per-row tau_d.
+
+**Comparison**: :func:`comparison_table` turns several metrics JSONs (one per checkpoint) into a
+markdown table, one row per metric, one column per checkpoint, plus the change from the first.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, open_rgb, resolve_image_refs, text_root, write_atomic
+from finetune.evaluation.retrieval import (
+    RetrievalRun,
+    global_thresholds,
+    index_test_set,
+    load_test_set,
+    predicted_chains,
+    read_test_csv,
+    threshold_predictions,
+)
+from finetune.geometry import radius
+
+# Images per block when scoring a large candidate set (bounds the similarity matrix's memory).
+QUALITATIVE_BLOCK = 128
+THUMBNAIL_PX = 224
+
+
+@dataclass(frozen=True)
+class QualitativeSet:
+    """Images to show, their ground-truth chains, and the candidate texts to retrieve from."""
+
+    image_paths: list[Path]
+    ground_truth: list[list[tuple[str, ...]]]  # per image: every reference chain
+    candidates: list[str]
+
+
+def qualitative_set(
+    test_rows: Any, images_dir: Path | str, candidates_csv: Path | str | None = None, max_images: int | None = None
+) -> QualitativeSet:
+    """The first ``max_images`` unique test images with their chains; candidates are the distinct
+    positives of ``candidates_csv`` (the expanded file) or, without it, of the test set itself."""
+    test = load_test_set(test_rows)
+    cand = index_test_set(test)
+    n = len(cand.images) if max_images is None else min(max_images, len(cand.images))
+    paths = resolve_image_refs(cand.images[:n], Path(images_dir))
+    truth = [[test.chains[r] for r in np.nonzero(cand.row_image == i)[0]] for i in range(n)]
+    source = read_test_csv(Path(candidates_csv)) if candidates_csv is not None else test
+    texts = list(dict.fromkeys(t for chain in source.chains for t in chain))
+    return QualitativeSet(paths, truth, texts)
+
+
+def qualitative_chains(
+    encoder: Encoder, qset: QualitativeSet, steps: int = 50, draft_size: int | None = None
+) -> list[list[str]]:
+    """Each image's predicted chain (general to specific) over the candidate texts."""
+    with torch.no_grad():
+        root = text_root(encoder)
+        text_emb = encode_texts(encoder, qset.candidates)
+        image_emb = encode_image_files(encoder, qset.image_paths, draft_size=draft_size)
+    radii = radius(text_emb, root)
+    thresholds = global_thresholds(radii, steps)
+    chains: list[list[str]] = []
+    for start in range(0, len(image_emb), QUALITATIVE_BLOCK):
+        sim = image_emb[start : start + QUALITATIVE_BLOCK] @ text_emb.T
+        chains += predicted_chains(threshold_predictions(sim, radii, thresholds).numpy(), qset.candidates)
+    return chains
+
+
+def _thumbnail_src(path: Path, html_dir: Path, embed: bool) -> str:
+    """An <img> src: a relative path from the page, or an embedded JPEG thumbnail."""
+    if not embed:
+        return Path(os.path.relpath(path.resolve(), html_dir.resolve())).as_posix()
+    img = open_rgb(path)
+    img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _chain_html(chain: Sequence[str], truth: set[str] | None = None) -> str:
+    """An ordered list; predictions found in the ground truth are marked."""
+    items = []
+    for t in chain:
+        attr = ' class="hit"' if truth is not None and t in truth else ""
+        items.append(f"<li{attr}>{html.escape(t)}</li>")
+    return "<ol>" + "".join(items) + "</ol>"
+
+
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em}"
+    "img.thumb{max-width:224px}li.hit{color:#0a6d0a;font-weight:bold}figure{display:inline-block;margin:1em}"
+)
+
+
+def render_html(
+    out_path: Path | str,
+    qset: QualitativeSet,
+    predictions: Sequence[tuple[str, Sequence[Sequence[str]]]],
+    title: str = "HierarCaps qualitative retrieval",
+    plots: Sequence[Path] = (),
+    notes: Sequence[str] = (),
+    embed_images: bool = False,
+) -> Path:
+    """Write the qualitative page: one table row per image (thumbnail and file name, ground truth,
+    one column per model), then the plots. Text is escaped; the file is written atomically."""
+    out_path = Path(out_path)
+    html_dir = out_path.parent
+    html_dir.mkdir(parents=True, exist_ok=True)
+    head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in predictions)
+    rows = []
+    for i, path in enumerate(qset.image_paths):
+        truth = {t for chain in qset.ground_truth[i] for t in chain}
+        gt = "".join(_chain_html(chain) for chain in qset.ground_truth[i])
+        cells = "".join(f"<td>{_chain_html(chains[i], truth)}</td>" for _, chains in predictions)
+        src = html.escape(_thumbnail_src(path, html_dir, embed_images), quote=True)
+        name = html.escape(path.name)
+        rows.append(
+            f'<tr id="img-{i}"><td><img class="thumb" src="{src}" alt="{name}"><br><code>{name}</code></td>'
+            f"<td>{gt}</td>{cells}</tr>"
+        )
+    figures = "".join(
+        f'<figure><img src="{html.escape(Path(os.path.relpath(p.resolve(), html_dir.resolve())).as_posix(), quote=True)}"'
+        f' alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in plots
+    )
+    notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    page = (
+        f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{notes_html}"
+        f"<table><thead><tr><th>image</th><th>ground truth</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<h2>Plots</h2>{figures}</body></html>\n"
+    )
+    return write_atomic(out_path, page)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file, then close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_radius_by_tier(runs: Sequence[tuple[str, RetrievalRun]], path: Path | str) -> Path:
+    """Histograms of the radius |e - r| of tiers T1..T4 over the test rows, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False, sharex=True)
+    for ax, (label, run) in zip(axes[0], runs):
+        per_tier = run.text_radii[run.candidates.chain_ids]  # (n_rows, 4)
+        for k in range(per_tier.shape[1]):
+            ax.hist(per_tier[:, k], bins=40, alpha=0.5, label=f"T{k + 1}")
+        ax.set_title(label)
+        ax.set_xlabel("radius |e - r|")
+        ax.legend()
+    return _save_figure(fig, Path(path))
+
+
+def plot_tau_histogram(runs: Sequence[tuple[str, RetrievalRun]], path: Path | str) -> Path:
+    """Histogram of the per-row Kendall tau_d, one bar series per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(-1, 1, 14)
+    ax.hist([run.tau[~np.isnan(run.tau)] for _, run in runs], bins=bins, label=[label for label, _ in runs])
+    ax.set_xlabel("tau_d per row")
+    ax.set_ylabel("rows")
+    ax.legend()
+    return _save_figure(fig, Path(path))
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested metrics dict, with dotted keys (counts, timings, versions left out)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if key in ("versions", "seconds", "steps") or key.startswith("n_"):
+            continue
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def comparison_table(named_metrics: Sequence[tuple[str, dict[str, Any]]], digits: int = 4) -> str:
+    """Markdown table: one row per metric, one column per checkpoint, plus the change from the
+    first checkpoint when there are several. Metrics absent from a checkpoint show as ``-``."""
+    if not named_metrics:
+        raise ValueError("nothing to compare: give at least one metrics JSON")
+    flats = [(name, _flatten(m)) for name, m in named_metrics]
+    keys = list(dict.fromkeys(k for _, f in flats for k in f))
+    delta = len(flats) > 1
+    header = ["metric", *[n for n, _ in flats]] + ([f"Δ ({flats[-1][0]} - {flats[0][0]})"] if delta else [])
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        values = [f.get(key) for _, f in flats]
+        cells = [key] + ["-" if v is None or np.isnan(v) else f"{v:.{digits}f}" for v in values]
+        if delta:
+            first, last = values[0], values[-1]
+            cells.append("-" if first is None or last is None else f"{last - first:+.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def qualitative_report(
+    encoders: Sequence[tuple[str, Encoder]],
+    test_rows: Any,
+    images_dir: Path | str,
+    out_dir: Path | str,
+    candidates_csv: Path | str | None = None,
+    max_images: int | None = 100,
+    steps: int = 50,
+    variant: str = "released",
+    draft_size: int | None = None,
+    embed_images: bool = False,
+) -> dict[str, Path]:
+    """The full report for one or more models (e.g. before and after fine-tuning).
+
+    Writes into ``out_dir``: ``index.html`` (qualitative chains over the candidate set, side by
+    side), ``radius_by_tier.png``, ``tau_d_histogram.png`` (from retrieval on the whole test set),
+    ``metrics_<i>.json`` per model and ``comparison.md``. Returns the written paths by name.
+    """
+    from finetune.evaluation.common import write_json
+    from finetune.evaluation.retrieval import run_metrics, run_retrieval
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qset = qualitative_set(test_rows, images_dir, candidates_csv, max_images)
+    predictions, runs, written = [], [], {}
+    for i, (label, encoder) in enumerate(encoders):
+        predictions.append((label, qualitative_chains(encoder, qset, steps, draft_size)))
+        run = run_retrieval(encoder, test_rows, images_dir, variant, steps, draft_size=draft_size)  # type: ignore[arg-type]
+        runs.append((label, run))
+        written[f"metrics_{i}"] = write_json(out_dir / f"metrics_{i}.json", run_metrics(run, model=label))
+    written["radius_by_tier"] = plot_radius_by_tier(runs, out_dir / "radius_by_tier.png")
+    written["tau_d_histogram"] = plot_tau_histogram(runs, out_dir / "tau_d_histogram.png")
+    table = comparison_table([(label, run_metrics(run)) for label, run in runs])
+    written["comparison"] = write_atomic(out_dir / "comparison.md", table)
+    source = str(candidates_csv) if candidates_csv is not None else "the test set's own texts"
+    notes = [
+        f"Candidates: {len(qset.candidates)} distinct texts from {source}; {steps} global radius thresholds.",
+        f"Plots and metrics: {variant} retrieval on all {len(runs[0][1].test)} test rows.",
+    ]
+    written["html"] = render_html(
+        out_dir / "index.html", qset, predictions, plots=[written["radius_by_tier"], written["tau_d_histogram"]],
+        notes=notes, embed_images=embed_images,
+    )
+    return written

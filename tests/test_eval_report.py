@@ -1,0 +1,139 @@
+"""Reports: the HTML page is valid, escapes text and names every image; plots and the markdown
+comparison are written; the qualitative chains come from the candidate set."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.evaluation.report import (
+    QualitativeSet,
+    comparison_table,
+    qualitative_chains,
+    qualitative_report,
+    render_html,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps"
+VOID = {"img", "br", "meta", "link", "hr", "input"}
+
+
+class StrictHTML(HTMLParser):
+    """Checks that every non-void tag is closed in order; collects img sources and alt texts and text."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.images, self.text = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(path: Path) -> StrictHTML:
+    parser = StrictHTML()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert parser.errors == [] and parser.stack == []
+    return parser
+
+
+def test_render_html_escapes_and_names_every_image(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    paths = []
+    for i in range(3):
+        p = imgs / f"COCO_val2014_00000000000{i}.jpg"
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(p)
+        paths.append(p)
+    evil = '<script>alert("x")</script> & co'
+    qset = QualitativeSet(paths, [[("a", "b", "c", evil)], [("d", "e", "f", "g")], [("h", "i", "j", "k")]], [])
+    out = render_html(
+        tmp_path / "report" / "index.html", qset,
+        [("before", [["a", "x"], ["d"], []]), ("after <FT>", [["a", "b", evil], ["e"], ["k"]])],
+    )
+    page = out.read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    parsed = _parse(out)
+    assert [im["alt"] for im in parsed.images] == [p.name for p in paths]
+    for im in parsed.images:  # relative paths that resolve from the page's folder
+        assert (out.parent / im["src"]).resolve() == (imgs / im["alt"]).resolve()
+    assert "after <FT>" in "".join(parsed.text)
+    embedded = render_html(tmp_path / "e.html", qset, [("m", [[], [], []])], embed_images=True)
+    assert all(im["src"].startswith("data:image/jpeg;base64,") for im in _parse(embedded).images)
+
+
+def test_comparison_table_rows_per_metric_with_delta():
+    before = {"precision": 0.14, "recall": 0.36, "tau_d": 0.89, "n_rows": 1000, "versions": {"torch": "2"},
+              "zero_shot_top1": {"genus": 0.5}}
+    after = {"precision": 0.15, "recall": 0.47, "tau_d": 0.99, "n_rows": 1000}
+    md = comparison_table([("zero-shot", before), ("fine-tuned", after)])
+    lines = md.strip().splitlines()
+    assert lines[0] == "| metric | zero-shot | fine-tuned | Δ (fine-tuned - zero-shot) |"
+    assert "| recall | 0.3600 | 0.4700 | +0.1100 |" in lines
+    assert "| zero_shot_top1.genus | 0.5000 | - | - |" in lines
+    assert not any("n_rows" in line or "versions" in line for line in lines)
+    with pytest.raises(ValueError):
+        comparison_table([])
+
+
+class PlacedEncoder:
+    """Test double: texts and images embed where we put them, so the chain is known in advance."""
+
+    name = "placed"
+
+    def __init__(self, texts: dict[str, torch.Tensor], image: torch.Tensor):
+        self.texts, self.image = texts, image
+
+    def encode_text(self, texts, batch_size=256):
+        return torch.stack([self.texts[t] for t in texts])
+
+    def encode_images(self, images, batch_size=64):
+        return self.image.expand(len(images), -1)
+
+
+def test_qualitative_chains_walk_out_from_the_root(tmp_path):
+    def unit(a, z=0.0):
+        return torch.nn.functional.normalize(torch.tensor([np.cos(a), np.sin(a), z], dtype=torch.float32), dim=0)
+
+    texts = {"": unit(0.0), "animal": unit(0.3), "dog": unit(0.6), "dog on grass": unit(0.9), "cat": unit(0.6, 0.9)}
+    img = tmp_path / "i.png"
+    Image.new("RGB", (2, 2)).save(img)
+    qset = QualitativeSet([img], [[("animal", "dog", "dog on grass", "x")]], ["animal", "dog", "dog on grass", "cat"])
+    chains = qualitative_chains(PlacedEncoder(texts, unit(1.0)), qset, steps=50)
+    assert chains == [["animal", "dog", "dog on grass"]]
+
+
+def test_qualitative_report_on_real_images_with_two_models(tiny_hf_clip_dir, tiny_open_clip_dir, tmp_path):
+    if not (DATA / "hierarcaps_test.csv").is_file():
+        pytest.skip(f"real HierarCaps data not found at {DATA}")
+    from finetune.backends import load_backend
+
+    subset = tmp_path / "test.csv"
+    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:41]))
+    encoders = [("hf-clip", load_backend("hf-clip", tiny_hf_clip_dir)), ("open-clip", load_backend("open-clip", tiny_open_clip_dir))]
+    written = qualitative_report(encoders, subset, DATA / "test_imgs", tmp_path / "out", max_images=12, draft_size=64)
+    parsed = _parse(written["html"])
+    names = [im["alt"] for im in parsed.images if im["alt"].startswith("COCO_")]
+    assert len(names) == 12 == len(set(names))
+    assert all((written["html"].parent / im["src"]).is_file() for im in parsed.images)
+    text = "".join(parsed.text)
+    assert "hf-clip" in text and "open-clip" in text
+    assert written["radius_by_tier"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(written["metrics_1"].read_text())["n_rows"] == 40
+    assert "| precision |" in written["comparison"].read_text()
