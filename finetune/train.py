@@ -436,8 +436,10 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         plan = batch_plan(len(data), optim.batch_size, epoch, run.seed, world, rank)
         groups = [plan[i : i + accum] for i in range(0, len(plan), accum)][done_in_epoch:]  # one per optimizer step
+        # An own generator: creating the iterator must not draw from the global RNG (resume exactness).
         loader = torch.utils.data.DataLoader(
-            _Items(image_paths), batch_sampler=[mb for g in groups for mb in g], **loader_kw
+            _Items(image_paths), batch_sampler=[mb for g in groups for mb in g],
+            generator=torch.Generator().manual_seed(run.seed + epoch), **loader_kw,
         )
         batches = iter(loader)
         for group in groups:
