@@ -137,3 +137,31 @@ def test_qualitative_report_on_real_images_with_two_models(tiny_hf_clip_dir, tin
     assert written["radius_by_tier"].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(written["metrics_1"].read_text())["n_rows"] == 40
     assert "| precision |" in written["comparison"].read_text()
+
+
+def test_suite_and_compare_before_after(tiny_hf_clip_dir, tmp_path):
+    """The finetune flow's path: evaluate two checkpoints, then compare them in markdown."""
+    if not (DATA / "hierarcaps_test.csv").is_file():
+        pytest.skip(f"real HierarCaps data not found at {DATA}")
+    from finetune.backends import load_backend
+    from finetune.evaluation.cli import main
+    from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
+
+    subset = tmp_path / "test.csv"
+    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:21]))
+    settings = SuiteSettings(test_source=str(subset), images_dir=str(DATA / "test_imgs"), draft_size=64)
+    backend = load_backend("hf-clip", tiny_hf_clip_dir)
+    before = evaluate_checkpoint(backend, tmp_path / "before", settings, model="tiny")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a stand-in for training: perturb the text projection
+        backend.model.text_projection.weight.add_(0.5 * torch.randn_like(backend.model.text_projection.weight))
+    after = evaluate_checkpoint(backend, tmp_path / "after", settings, model="tiny-ft")
+    assert before["hierarcaps"]["n_rows"] == 20 and "R@1" in before["retention"]
+    assert before["hierarcaps"]["tau_d"] != after["hierarcaps"]["tau_d"]
+    assert (tmp_path / "before" / "radius_by_tier.png").is_file()
+    out = tmp_path / "cmp.md"
+    assert main(["compare", str(tmp_path / "before" / "metrics.json"), f"ft={tmp_path / 'after' / 'metrics.json'}",
+                 "--output", str(out)]) == 0
+    md = out.read_text()
+    assert md.startswith("| metric | before | ft | Δ (ft - before) |")
+    assert "| hierarcaps.tau_d |" in md and "| retention.R@1 |" in md

@@ -273,3 +273,25 @@ def test_released_path_on_real_test_set_with_tiny_clip(tiny_hf_clip_dir):
     out = retrieve(run.text_emb, run.image_emb, run.root, run.candidates, "released", 50)
     assert (out["predictions"] == run.predictions).all()
     assert summarize(out["precision"], out["recall"], out["tau"]) == summarize(run.precision, run.recall, run.tau)
+
+
+def test_cli_retrieval_writes_metrics_json(tiny_open_clip_dir, tmp_path, capsys):
+    if not (DATA / "hierarcaps_test.csv").is_file():
+        pytest.skip(f"real HierarCaps data not found at {DATA}")
+    from finetune.evaluation.cli import main
+
+    subset = tmp_path / "test.csv"
+    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:31]))
+    out = tmp_path / "m" / "metrics.json"
+    argv = ["retrieval", "--backend", "open-clip", "--model", str(tiny_open_clip_dir), "--test-csv", str(subset),
+            "--images", str(DATA / "test_imgs"), "--variant", "paper", "--draft-size", "64", "--output", str(out)]
+    assert main(argv) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["variant"] == "paper" and metrics["n_rows"] == 30 and metrics["backend"] == str(tiny_open_clip_dir)
+    assert metrics["model"] == str(tiny_open_clip_dir) and metrics["versions"]["torch"]
+    assert {"precision", "recall", "tau_d"} <= metrics.keys()
+    assert not list(out.parent.glob(".*"))  # no temporary file left behind
+    # a missing image folder is one clear error line and exit status 2
+    argv[argv.index("--images") + 1] = str(tmp_path / "nope")
+    assert main(argv) == 2
+    assert "images folder" in capsys.readouterr().err

@@ -1,0 +1,208 @@
+"""``hierarcaps-eval``: evaluate CLIP-style checkpoints on hierarchy and retention benchmarks.
+
+Subcommands (each writes a JSON file, or a report folder, atomically):
+
+* ``retrieval``  HierarCaps hierarchical retrieval (precision, recall, tau_d);
+* ``report``     qualitative HTML page + plots + comparison for one or more models;
+* ``lexical``    HyperLex Spearman rho;
+* ``retention``  text-to-image R@1/5/10 on the HierarCaps test images;
+* ``zeroshot``   zero-shot classification from a label list and a labelled image folder;
+* ``taxonomy``   taxonomy metrics from a Rare-Species-layout table and its images;
+* ``suite``      everything configured, for one checkpoint (as the fine-tuning flow does);
+* ``compare``    markdown table comparing metrics JSONs.
+
+See docs/evaluation.md for the file formats and examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from finetune.evaluation.common import write_json
+
+
+def _model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
+    p.add_argument("--backend", required=True, choices=("hf-clip", "open-clip", "text"), help="model family")
+    if multiple:
+        p.add_argument("--model", required=True, action="append",
+                       help="hub id, folder or open_clip name; repeat (e.g. before, after); LABEL=MODEL names a column")
+    else:
+        p.add_argument("--model", required=True, help="hub id, save_pretrained folder, or open_clip name/folder")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the checkpoint's)")
+
+
+def _test_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test-csv", required=True, help="curated test CSV (id,captions,image_url) or a dataset folder")
+    p.add_argument("--images", required=True, help="folder with the test images")
+    p.add_argument("--draft-size", type=int, default=None,
+                   help="decode JPEGs at reduced scale (>= N px); faster, approximate; default full decode")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hierarcaps-eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("retrieval", help="HierarCaps hierarchical retrieval metrics")
+    _model_args(p)
+    _test_args(p)
+    p.add_argument("--variant", choices=("released", "paper"), default="released",
+                   help="released evaluator (global thresholds; default) or the paper's text (per-image thresholds)")
+    p.add_argument("--steps", type=int, default=50, help="number of radius thresholds")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per model call")
+    p.add_argument("--image-batch-size", type=int, default=64, help="images per model call")
+    p.add_argument("--output", required=True, help="metrics JSON to write")
+
+    p = sub.add_parser("report", help="qualitative HTML report, plots and comparison")
+    _model_args(p, multiple=True)
+    _test_args(p)
+    p.add_argument("--candidates", default=None, help="expanded CSV whose positives are the candidate texts")
+    p.add_argument("--max-images", type=int, default=100, help="images shown on the page")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--variant", choices=("released", "paper"), default="released")
+    p.add_argument("--embed-images", action="store_true", help="embed thumbnails instead of linking the files")
+    p.add_argument("--output-dir", required=True)
+
+    p = sub.add_parser("lexical", help="HyperLex Spearman rho from exterior angles")
+    _model_args(p)
+    p.add_argument("--hyperlex", required=True, help="hyperlex-all.txt (WORD1 WORD2 POS ... AVG_SCORE)")
+    p.add_argument("--prompt", default="a picture of a {}")
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("retention", help="text-to-image R@1/5/10 on the HierarCaps test images")
+    _model_args(p)
+    _test_args(p)
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("zeroshot", help="zero-shot classification of DIR/<label>/* images")
+    _model_args(p)
+    p.add_argument("--labels", required=True, help="text file, one class label per line")
+    p.add_argument("--images", required=True, help="folder with one subfolder per label")
+    p.add_argument("--templates", default=None, help="text file of prompt templates with {} (default: CLIP's CIFAR ensemble)")
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("taxonomy", help="taxonomy ordering, per-rank, top-down and nLCA metrics")
+    _model_args(p)
+    p.add_argument("--table", required=True, help="CSV: kingdom,phylum,cls,order,family,genus,species,filepath")
+    p.add_argument("--images", required=True, help="folder the table's filepath column is relative to")
+    p.add_argument("--style", choices=("taxonomic", "name"), default="taxonomic", help="label text per taxon")
+    p.add_argument("--template", default="{}", help="wrap each label, e.g. 'a photo of {}.'")
+    p.add_argument("--root-text", default="", help="text whose embedding is the root ('' or 'Eukarya')")
+    p.add_argument("--draft-size", type=int, default=None)
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("suite", help="every configured benchmark for one checkpoint")
+    _model_args(p)
+    p.add_argument("--test-csv", default="")
+    p.add_argument("--images", default="")
+    p.add_argument("--hyperlex", default="")
+    p.add_argument("--zeroshot-labels", default="")
+    p.add_argument("--zeroshot-images", default="")
+    p.add_argument("--taxonomy-table", default="")
+    p.add_argument("--taxonomy-images", default="")
+    p.add_argument("--variant", choices=("released", "paper"), default="released")
+    p.add_argument("--draft-size", type=int, default=None)
+    p.add_argument("--output-dir", required=True)
+
+    p = sub.add_parser("compare", help="markdown table comparing metrics JSONs")
+    p.add_argument("metrics", nargs="+", help="metrics JSON files, optionally NAME=PATH")
+    p.add_argument("--output", required=True, help="markdown file to write")
+    return parser
+
+
+def _load(args: argparse.Namespace, model: str) -> Any:
+    from finetune.backends import load_backend
+
+    return load_backend(args.backend, model, device=args.device, dtype=args.dtype)
+
+
+def _labelled(spec: str) -> tuple[str, str]:
+    """``LABEL=MODEL`` or ``MODEL`` (labelled by itself)."""
+    label, sep, model = spec.partition("=")
+    return (label, model) if sep and label and not Path(spec).exists() else (spec, spec)
+
+
+def _finish(obj: dict[str, Any], output: str) -> int:
+    write_json(Path(output), obj)
+    shown = {k: v for k, v in obj.items() if not isinstance(v, (dict, list))}
+    print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch a parsed command line; returns the exit status."""
+    if args.command == "compare":
+        from finetune.evaluation.suite import compare_checkpoints
+
+        items = [_labelled(m) if "=" in m else m for m in args.metrics]
+        out = compare_checkpoints(items, args.output)
+        print(out.read_text(encoding="utf-8"))
+        return 0
+    if args.command == "report":
+        from finetune.evaluation.report import qualitative_report
+
+        encoders = [(label, _load(args, model)) for label, model in map(_labelled, args.model)]
+        written = qualitative_report(
+            encoders, args.test_csv, args.images, args.output_dir, args.candidates, args.max_images,
+            args.steps, args.variant, args.draft_size, args.embed_images,
+        )
+        print(f"report written to {written['html']}")
+        return 0
+    encoder = _load(args, args.model)
+    start = time.perf_counter()
+    if args.command == "retrieval":
+        from finetune.evaluation.retrieval import evaluate_retrieval
+
+        metrics = evaluate_retrieval(encoder, args.test_csv, args.images, args.variant, args.steps, args.model,
+                                     args.batch_size, args.image_batch_size, args.draft_size)
+    elif args.command == "lexical":
+        from finetune.evaluation.lexical import evaluate_lexical
+
+        metrics = evaluate_lexical(encoder, args.hyperlex, args.prompt, args.model)
+    elif args.command == "retention":
+        from finetune.evaluation.retention import text_to_image_retrieval
+
+        metrics = text_to_image_retrieval(encoder, args.test_csv, args.images, model=args.model, draft_size=args.draft_size)
+    elif args.command == "zeroshot":
+        from finetune.evaluation.retention import CIFAR_TEMPLATES, read_labels, zero_shot_classification
+
+        templates = read_labels(args.templates) if args.templates else CIFAR_TEMPLATES
+        metrics = zero_shot_classification(encoder, read_labels(args.labels), args.images, templates, args.model)
+    elif args.command == "taxonomy":
+        from finetune.evaluation.taxonomy import evaluate_taxonomy
+
+        metrics = evaluate_taxonomy(encoder, args.table, args.images, args.style, args.template, args.root_text,
+                                    args.model, args.draft_size)
+    else:  # suite
+        from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
+
+        settings = SuiteSettings(args.test_csv, args.images, args.variant, hyperlex=args.hyperlex,
+                                 zeroshot_labels=args.zeroshot_labels, zeroshot_images=args.zeroshot_images,
+                                 taxonomy_table=args.taxonomy_table, taxonomy_images=args.taxonomy_images,
+                                 draft_size=args.draft_size)
+        result = evaluate_checkpoint(encoder, args.output_dir, settings, args.model)
+        print(f"metrics written to {Path(args.output_dir) / 'metrics.json'} ({result['seconds']} s)")
+        return 0
+    metrics.setdefault("seconds", round(time.perf_counter() - start, 3))
+    return _finish(metrics, args.output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: parse, run, and turn input errors into one clear line and exit code 2."""
+    from finetune.backends import BackendError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, BackendError) as err:
+        print(f"hierarcaps-eval {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
