@@ -148,9 +148,14 @@ class TextGenerator:
         return [i for i in ids if i is not None and i != unk]
 
     def _eos_ids(self, stops: Sequence[str]) -> list[int]:
-        """The model's eos id plus every token whose text contains a stop string."""
-        eos = self.tokenizer.eos_token_id
-        ids = {eos} if eos is not None else set()
+        """The eos ids of tokenizer and generation config plus every token containing a stop string.
+
+        Chat models may end a turn with a token other than the tokenizer's eos (Llama-3's
+        ``<|eot_id|>``); their ``generation_config`` lists it.
+        """
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        ids = {i for i in [self.tokenizer.eos_token_id, *configured] if i is not None}
         for stop in stops:
             ids.update(self._tokens_containing(stop))
         return sorted(ids)

@@ -139,3 +139,17 @@ def test_seq2seq_decoding_keeps_added_delimiters_and_drops_pad_eos(tiny_seq2seq_
     samples = generator.generate(["goat on island ←", "→"], num_return_sequences=3, max_new_tokens=5)
     assert [len(s) for s in samples] == [3, 3]
     assert all(tokenizer.pad_token not in t and tokenizer.eos_token not in t for s in samples for t in s)
+
+
+def test_generation_config_eos_ids_also_end_sequences(causal) -> None:
+    """Chat models end turns with tokens listed in generation_config (Llama-3: <|eot_id|>)."""
+    model, tokenizer = causal
+    generator = TextGenerator(model, tokenizer)
+    turn_end = tokenizer.convert_tokens_to_ids("<s>")
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
+    try:
+        assert turn_end in generator._eos_ids([]) and tokenizer.eos_token_id in generator._eos_ids([])
+    finally:
+        model.generation_config.eos_token_id = original
+    assert generator._eos_ids([]) == [tokenizer.eos_token_id]

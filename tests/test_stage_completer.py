@@ -62,6 +62,26 @@ def test_pair_formats_match_the_paper_including_bare_delimiter() -> None:
     assert make_completer_pairs([GOAT, PIE], random.Random(5)) == make_completer_pairs([GOAT, PIE], random.Random(5))
 
 
+PAPER_EXAMPLES = [  # SPEC section 1 (positive and negative chain) and the paper's B.1 seed / synthetic examples
+    GOAT,
+    ["portrait", "frog", "goats graze at snowy night", "goat on island with flowers"],
+    ["cutting tools", "scissors", "middle-aged woman cutting white fabric with scissors in super slow motion",
+     "super slow motion of middle-age woman hands with scissors cutting white fabric on a tabletop"],
+    PIE,
+    ["youth", "boys", "boys setting up tent by lake", "teenage boys pitching a tent at the lake in forest"],
+    ["music artist", "singer", "singer with group performs at event", "pop singer with group performs at event"],
+    ["textiles", "towels", "striped towels",
+     "a variety of striped towels in a range of colours and patterns - for sale on amazon"],
+    ["flowers", "poppies", "fields of poppies.", "a field of poppies, bright orange, on a sunny day"],
+]
+
+
+@pytest.mark.parametrize("tiers", PAPER_EXAMPLES, ids=lambda t: t[0])
+def test_paper_examples_round_trip_through_completer_pairs(tiers) -> None:
+    for source, target in make_completer_pairs([tiers] * 64, random.Random(2)):
+        assert _reassemble(source, target)[2] == tiers
+
+
 def test_delimiters_added_once_as_special_tokens(tiny_seq2seq_dir) -> None:
     model, tokenizer = load_seq2seq_lm(ModelSpec(str(tiny_seq2seq_dir), **CPU))
     assert not has_single_token(tokenizer, FORWARD)  # T5 maps → to <unk>
@@ -75,12 +95,12 @@ def test_delimiters_added_once_as_special_tokens(tiny_seq2seq_dir) -> None:
 
 def test_train_seq2seq_completer_saves_and_reloads(tiny_seq2seq_dir, tmp_path) -> None:
     model, tokenizer = load_seq2seq_lm(ModelSpec(str(tiny_seq2seq_dir), **CPU))
-    settings = CompleterSettings(epochs=6, batch_size=4, learning_rate=1e-2, seed=3)
+    settings = CompleterSettings(epochs=4, batch_size=8, learning_rate=1e-2, seed=3)
     stats = train_completer([GOAT, PIE] * 4 + [GOAT[:3], ["", "b", "c", "d"]], model, tokenizer, settings,
                             tmp_path / "completer")
     assert stats.items_in == 10 and stats.kept == 8
     assert dict(stats.rejected) == {"not_four_tiers": 1, "empty_tier": 1}
-    assert stats.extra["steps"] == 6 * math.ceil(8 / 4) and stats.extra["added_tokens"] == 2
+    assert stats.extra["steps"] == 4 * math.ceil(8 / 8) and stats.extra["added_tokens"] == 2
 
     log = json.loads((tmp_path / "completer" / TRAINING_LOG).read_text())
     assert log["settings"]["learning_rate"] == 1e-2 and log["architecture"] == "seq2seq"
