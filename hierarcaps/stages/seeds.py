@@ -119,9 +119,8 @@ def generate_seeds(
                     continue
                 accepted[i] = _seed_row(chains[i], raw[i], decision, attempt, generator, scorer, settings)
                 last_reason.pop(i, None)
-            stats.extra["rejected_attempts"] = stats.extra.get("rejected_attempts", 0) + len(pending) - len(
-                [i for i in pending if i in accepted]
-            )
+            failed_now = sum(1 for i in pending if i not in accepted)
+            stats.extra["rejected_attempts"] = stats.extra.get("rejected_attempts", 0) + failed_now
     for reason in last_reason.values():
         stats.reject(reason)
     rows = [accepted[i] for i in sorted(accepted)]
