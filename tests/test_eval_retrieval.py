@@ -164,13 +164,15 @@ def test_load_test_set_from_dataset_rows():
 # --- vectorised search against a plain loop --------------------------------------------------
 
 
-def _released_loop(text_emb, image_emb, root, cand, steps):
-    """Independent per-image loop written after the released evaluator's description (SPEC 4)."""
+def _plain_loop(text_emb, image_emb, root, cand, steps, paper=False):
+    """Independent per-image loop written after SPEC 4: the released evaluator, or with
+    ``paper`` per-image thresholds up to the nearest text and the first prediction dropped."""
     radii = (text_emb - root).norm(dim=-1).double()
-    levels = np.linspace(float(radii.min()), float(radii.max()), steps)
     precisions, recalls = [], []
     for i in range(len(cand.images)):
         s = text_emb @ image_emb[i]
+        top = float(radii[s.argmax()]) if paper else float(radii.max())
+        levels = np.linspace(float(radii.min()), top, steps)
         preds = []
         for thr in levels:
             mask = radii <= thr
@@ -178,6 +180,8 @@ def _released_loop(text_emb, image_emb, root, cand, steps):
             t = int(idx[s[idx].argmax()])
             if not preds or preds[-1] != t:
                 preds.append(t)
+        if paper:
+            preds = preds[1:]
         refs = [cand.chain_ids[r] for r in np.nonzero(cand.row_image == i)[0]]
         gt = {t for ref in refs for t in ref}
         sp = set(preds)
@@ -186,7 +190,8 @@ def _released_loop(text_emb, image_emb, root, cand, steps):
     return np.array(precisions), np.array(recalls)
 
 
-def test_vectorised_released_search_matches_plain_loop():
+@pytest.mark.parametrize("variant", ["released", "paper"])
+def test_vectorised_search_matches_plain_loop(variant):
     rng = torch.Generator().manual_seed(0)
     n_texts, n_images, d = 40, 9, 8
     text_emb = torch.nn.functional.normalize(torch.randn(n_texts, d, generator=rng), dim=-1)
@@ -195,8 +200,8 @@ def test_vectorised_released_search_matches_plain_loop():
     chain_ids = torch.randint(0, n_texts, (14, 4), generator=rng).numpy()
     row_image = np.concatenate([np.arange(n_images), torch.randint(0, n_images, (5,), generator=rng).numpy()])
     cand = Candidates([f"t{i}" for i in range(n_texts)], chain_ids, [f"i{i}" for i in range(n_images)], row_image)
-    out = retrieve(text_emb, image_emb, root, cand, "released", steps=50)
-    p_loop, r_loop = _released_loop(text_emb, image_emb, root, cand, 50)
+    out = retrieve(text_emb, image_emb, root, cand, variant, steps=50)
+    p_loop, r_loop = _plain_loop(text_emb, image_emb, root, cand, 50, paper=variant == "paper")
     np.testing.assert_allclose(out["precision"], p_loop)
     np.testing.assert_allclose(out["recall"], r_loop)
     assert out["predictions"].shape == (n_images, 50) and (out["predictions"] >= 0).all()
