@@ -59,6 +59,7 @@ FINAL = "final"
 STAGES_DIR = "stages"
 TINY_MODELS_DIR = "tiny-models"
 TINY_PREFIX = "tiny:"
+PRIMED_PREFIX = "tiny-primed:"
 RESOURCE_PREFIX = "resources:"
 SETTINGS_FILE = "settings.json"
 #: Splits of the captions stage: seed captions (T4 of seed hierarchies), train and test captions.
@@ -310,11 +311,22 @@ class Pipeline:
     def model_spec(self, role: str) -> Any:
         """The spec of a model role, with ``tiny:<kind>`` resolved to a locally built tiny model."""
         spec = getattr(self.settings.models, role)
-        if spec.name_or_path.startswith(TINY_PREFIX):
-            kind = spec.name_or_path[len(TINY_PREFIX):]
-            folder = ensure_tiny_model(kind, self.output_dir / TINY_MODELS_DIR / kind)
-            spec = dataclasses.replace(spec, name_or_path=str(folder))
+        for prefix, primed in ((TINY_PREFIX, False), (PRIMED_PREFIX, True)):
+            if spec.name_or_path.startswith(prefix):
+                kind = spec.name_or_path[len(prefix):]
+                folder = self.output_dir / TINY_MODELS_DIR / (f"{kind}-primed" if primed else kind)
+                ensure_tiny_model(kind, folder, self._priming_captions() if primed else None)
+                return dataclasses.replace(spec, name_or_path=str(folder))
         return spec
+
+    def _priming_captions(self) -> list[str]:
+        """Captions of the train source that smoke-profile models are primed on (see :mod:`hierarcaps.smoke`)."""
+        from hierarcaps.sources import iter_captions
+
+        source = self.settings.captions.train
+        rows = iter_captions(resolve_path(source.path), source.format, column=source.column,
+                             min_words=source.min_words)
+        return [row.caption for _, row in zip(range(200), rows)]
 
     def scorer(self) -> Any:
         """The NLI scorer of this build (cached per process)."""
@@ -562,8 +574,12 @@ def load_lm(spec: Any) -> tuple[Any, Any]:
     return load_seq2seq_lm(spec) if seq2seq else load_causal_lm(spec)
 
 
-def ensure_tiny_model(kind: str, folder: Path) -> Path:
-    """Build a tiny random model of ``kind`` into ``folder`` once (atomically) and return it."""
+def ensure_tiny_model(kind: str, folder: Path, priming_captions: Sequence[str] | None = None) -> Path:
+    """Build a tiny random model of ``kind`` into ``folder`` once (atomically) and return it.
+
+    With ``priming_captions`` the model is then trained to write the stages' formats
+    (:func:`hierarcaps.smoke.prime_tiny_model`; smoke profile only).
+    """
     from hierarcaps.stagedir import atomic_path
     from hierarcaps.tiny_models import build_tiny_model
 
@@ -571,6 +587,10 @@ def ensure_tiny_model(kind: str, folder: Path) -> Path:
     if not marker.is_file():
         with atomic_path(folder) as tmp:
             build_tiny_model(kind, tmp)
+            if priming_captions is not None:
+                from hierarcaps.smoke import prime_tiny_model
+
+                prime_tiny_model(kind, tmp, priming_captions)
             (tmp / "_SUCCESS").write_text(kind, encoding="utf-8")
     return folder
 
