@@ -70,16 +70,17 @@ def run_sharded(
     bar = progress(n, stage)
     bar.update(n - len(todo))
     futures = [shard_task.submit(settings, str(pipe.output_dir), stage, i) for i in todo]
-    failures = []
+    failures: list[BaseException] = []
     for future in as_completed(futures):
-        if future.state.is_completed():
+        try:
+            future.result()
             bar.update(1)
-        else:
-            failures.append(future)
+        except Exception as err:  # noqa: BLE001 - collected; the other shards still finish and persist
+            failures.append(err)
     wait(futures)
     bar.close()
-    for future in failures:
-        future.result()  # raises the shard's exception
+    if failures:
+        raise failures[0]
     stage_task(settings, str(pipe.output_dir), stage)
 
 
