@@ -4,7 +4,7 @@ The tree (every key can be set in a file or with ``--set``)::
 
     model.backend / name_or_path / revision / dtype     which encoder (see finetune.backends)
     data.source / split / images_dir / exclude_images_from / max_items / num_workers
-    loss.name ("re" | "ec" | "rcme") / weights / ec_margin / ec_epsilon / rcme_alpha / rcme_beta / towers
+    loss.name ("re" | "ec" | "rcme" | "level") / weights / ec_margin / ec_epsilon / rcme_alpha / rcme_beta / towers
     optim.lr / batch_size / epochs / max_steps / betas / eps / weight_decay / scheduler /
           gradient_accumulation_steps / max_grad_norm
     run.output_dir / seed / mixed_precision / checkpoint_every / save_total_limit / resume / cpu
@@ -13,7 +13,10 @@ The tree (every key can be set in a file or with ``--set``)::
 Settings left empty (``None``) take the paper default of the chosen loss when the run starts
 (:func:`resolve`): RE and EC use the HierarCaps recipe (AdamW, lr 1e-7, batch 8, constant
 schedule, text tower only), RCME the RCME recipe (AdamW β = (0.9, 0.98), ε = 1e-6, lr 1e-5,
-batch 32, one-cycle schedule, both towers). The resolved tree is written to ``run.json``.
+batch 32, one-cycle schedule, both towers). The level-restricted contrastive loss (``level``,
+BioCLIP-HC) takes the RCME recipe too: it is the same kind of cross-modal fine-tuning of both
+towers, and BioCLIP-HC's own recipe (lr 1e-4 with warm-up and cosine decay, weight decay 0.2,
+batch 32K on TreeOfLife-10M) is made for another scale. The resolved tree is written to ``run.json``.
 
 The file and override machinery (unknown keys and wrong types are errors that name the key and
 where it came from) is :mod:`hierarcaps.settings`'.
@@ -49,9 +52,12 @@ __all__ = [
     "to_dict",
     "from_dict",
     "LOSSES",
+    "IMAGE_LOSSES",
 ]
 
-LOSSES = ("re", "ec", "rcme")
+LOSSES = ("re", "ec", "rcme", "level")
+# Losses that contrast texts with the item's image: they need data.images_dir and an image tower.
+IMAGE_LOSSES = ("rcme", "level")
 SCHEDULERS = ("constant", "one-cycle")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -72,7 +78,7 @@ class DataSettings:
 
     source: str = ""  # DatasetDict folder, Hub dataset id, or release CSV
     split: str = "train"
-    images_dir: str | None = None  # image_ref base names are looked up here (RCME)
+    images_dir: str | None = None  # image_ref base names are looked up here (rcme, level)
     exclude_images_from: list[str] = field(default_factory=list)  # release CSVs / folders whose images to leave out
     max_items: int | None = None
     num_workers: int = 0
@@ -82,13 +88,13 @@ class DataSettings:
 class LossSettings:
     """Which loss and its constants (SPEC section 3)."""
 
-    name: str = "re"  # re | ec | rcme
+    name: str = "re"  # re | ec | rcme | level
     weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 10.0])  # RE/EC: mean, minimax, reg
     ec_margin: float = 0.0
     ec_epsilon: float = 0.05
     rcme_alpha: float = math.pi / 2
     rcme_beta: float = 0.1
-    towers: str | None = None  # text | both; None: text for re/ec, both for rcme
+    towers: str | None = None  # text | both; None: text for re/ec, both for rcme/level
 
 
 @dataclass
@@ -144,8 +150,8 @@ class FinetuneSettings:
 # Paper defaults per loss: HierarCaps supplementary B.4 (RE, EC) and RCME section 5 (SPEC section 3).
 _HIERARCAPS = {"lr": 1e-7, "batch_size": 8, "betas": [0.9, 0.999], "eps": 1e-8, "scheduler": "constant"}
 _RCME = {"lr": 1e-5, "batch_size": 32, "betas": [0.9, 0.98], "eps": 1e-6, "scheduler": "one-cycle"}
-PAPER_OPTIM = {"re": _HIERARCAPS, "ec": _HIERARCAPS, "rcme": _RCME}
-PAPER_TOWERS = {"re": "text", "ec": "text", "rcme": "both"}
+PAPER_OPTIM = {"re": _HIERARCAPS, "ec": _HIERARCAPS, "rcme": _RCME, "level": _RCME}
+PAPER_TOWERS = {"re": "text", "ec": "text", "rcme": "both", "level": "both"}
 
 
 def resolve(settings: FinetuneSettings) -> FinetuneSettings:
@@ -192,8 +198,10 @@ def validate(settings: FinetuneSettings) -> None:
             raise SettingsError(f"{key} must be at least 1; got {value}")
     if not settings.data.source:
         raise SettingsError("data.source is empty: give a dataset folder, a Hub dataset id or a release CSV")
-    if settings.loss.name == "rcme" and settings.model.backend == "text":
-        raise SettingsError("loss.name=rcme aligns images too: choose model.backend hf-clip or open-clip")
+    if settings.loss.name in IMAGE_LOSSES and settings.model.backend == "text":
+        raise SettingsError(
+            f"loss.name={settings.loss.name} aligns images too: choose model.backend hf-clip or open-clip"
+        )
 
 
 def load_settings(path: str | Path | None = None, overrides: Sequence[str] = ()) -> FinetuneSettings:

@@ -159,17 +159,41 @@ def ec_loss(
     return _total(mean, minimax, _reg_or_zero(pos, neg, pos_ref, neg_ref), weights)
 
 
+def _frozen(logit_scale: torch.Tensor | float) -> torch.Tensor | float:
+    """The logit scale as a constant: RCME and the level loss never train it."""
+    return logit_scale.detach() if isinstance(logit_scale, torch.Tensor) else logit_scale
+
+
+def _label_info_nce(
+    image: torch.Tensor, label_emb: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric InfoNCE between images and a set of candidate labels, some shared by several images.
+
+    ``image``: (B, D); ``label_emb``: (U, D) one row per distinct label; ``target``: (B,) the
+    label index of each image. image -> label: cross-entropy of ``s · image @ label.T`` (B, U);
+    label -> image: for each label ``-log(Σ_pos exp / Σ_all exp)`` over the B images, the
+    positives being the images that carry it. Returns the mean of the two directions. With one
+    label per image (``target = arange(B)``) this is CLIP's loss.
+    """
+    logits = scale * image @ label_emb.T  # (B, U)
+    image_to_label = F.cross_entropy(logits, target)
+    positive = F.one_hot(target, len(label_emb)).T.bool()  # (U, B)
+    log_all = torch.logsumexp(logits.T, dim=1)
+    log_pos = torch.logsumexp(logits.T.masked_fill(~positive, float("-inf")), dim=1)
+    return (image_to_label + (log_all - log_pos).mean()) / 2
+
+
 def clip_contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE between matched rows of ``image`` and ``text`` (B, D), unit-normalised.
 
     ``logits = s · image @ text.T``; the loss is the mean of the image->text and text->image
     cross-entropies with the diagonal as targets. ``logit_scale`` s is used as given (exp already
-    applied) and never receives a gradient (RCME freezes it).
+    applied) and never receives a gradient (RCME freezes it). Every row is its own label (equal
+    texts in a batch are still each other's negatives, as in CLIP): :func:`_label_info_nce` with
+    ``target = arange(B)``.
     """
-    scale = logit_scale.detach() if isinstance(logit_scale, torch.Tensor) else logit_scale
-    logits = scale * image @ text.T  # (B, B)
     targets = torch.arange(len(image), device=image.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    return _label_info_nce(image, text, targets, _frozen(logit_scale))
 
 
 def rcme_loss(
@@ -238,20 +262,13 @@ def level_contrastive_loss(
             f"expected image (B, D), text (B, L, D), labels (B, L); got {tuple(image.shape)}, "
             f"{tuple(text.shape)}, {tuple(labels.shape)}"
         )
-    scale = logit_scale.detach() if isinstance(logit_scale, torch.Tensor) else logit_scale
+    scale = _frozen(logit_scale)
     per_level = []
     for level in range(text.shape[1]):  # a handful of levels; each level is one batched computation
         ids, inverse = torch.unique(labels[:, level], return_inverse=True)  # (U,), (B,)
         first = torch.zeros(len(ids), dtype=torch.long, device=labels.device).scatter_reduce(
             0, inverse, torch.arange(len(inverse), device=labels.device), reduce="amin", include_self=False
         )
-        label_emb = text[first, level]  # (U, D): one embedding per distinct label
-        logits = scale * image @ label_emb.T  # (B, U)
-        image_to_label = F.cross_entropy(logits, inverse)
-        positive = F.one_hot(inverse, len(ids)).T.bool()  # (U, B)
-        log_all = torch.logsumexp(logits.T, dim=1)
-        log_pos = torch.logsumexp(logits.T.masked_fill(~positive, float("-inf")), dim=1)
-        label_to_image = (log_all - log_pos).mean()
-        per_level.append((image_to_label + label_to_image) / 2)
+        per_level.append(_label_info_nce(image, text[first, level], inverse, scale))  # (U, D) label rows
     per_level_t = torch.stack(per_level)
     return {"per_level": per_level_t, "total": per_level_t.mean()}

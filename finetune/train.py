@@ -1,4 +1,4 @@
-"""Hierarchy alignment training on ``accelerate``: RE / EC (text tower) and RCME (both towers).
+"""Hierarchy alignment training on ``accelerate``: RE / EC (text tower), RCME and level (both towers).
 
 One step (SPEC section 3), for a batch of B train items:
 
@@ -8,6 +8,12 @@ One step (SPEC section 3), for a batch of B train items:
 2. RCME also encodes the items' images through the trainable image tower;
 3. the loss of :mod:`finetune.losses` is computed and back-propagated; every
    ``gradient_accumulation_steps`` micro-batches AdamW steps.
+
+The level-restricted contrastive loss (``loss.name=level``, BioCLIP-HC) reads a HierarCaps item
+as an image with one label per level: the four positive tiers T1..T4 are the levels, and two
+items share a level-l label when their tier-l texts are equal (:func:`level_batch`). Its step
+encodes only the batch's *distinct* positive texts (general tiers such as ``animal`` recur) and
+the images; negatives and the root are not used. Both towers train; the logit scale is frozen.
 
 **Cheap regulariser.** RE's regulariser compares every text's embedding with the embedding the
 *pretrained* (frozen) encoder gives the same text. That value depends on the text only, so
@@ -45,10 +51,11 @@ import torch
 from torch import nn
 
 from finetune.backends import Backend, load_backend
-from finetune.config import FinetuneSettings, SettingsError, resolve, to_dict
+from finetune.config import IMAGE_LOSSES, FinetuneSettings, SettingsError, resolve, to_dict
 from finetune.data import TEXTS_PER_ITEM, TrainData, load_train_data, resolve_images
 from finetune.geometry import normalize
-from finetune.losses import ec_loss, rcme_loss, re_loss
+from finetune.losses import ec_loss, level_contrastive_loss, rcme_loss, re_loss
+from hierarcaps.hierarchy import N_TIERS
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that fix the sequence of batches and updates; resuming with other values is refused.
@@ -166,6 +173,31 @@ def batch_texts(data: TrainData, items: Sequence[int]) -> list[str]:
     return [data.texts[k] for j in items for k in data.index[j]] + [""]
 
 
+def level_batch(data: TrainData, items: Sequence[int]) -> tuple[list[str], torch.Tensor]:
+    """The batch's distinct positive tier texts and every item's label id per level.
+
+    Returns ``texts`` (U,) and ``labels`` (B, 4) with ``texts[labels[b, l]]`` = tier l+1 of item
+    b: equal texts share an id, different texts never do. Ids index ``texts``, so the embedding
+    of each label is one row of the encoded ``texts``.
+    """
+    unique, inverse = np.unique(data.index[list(items), :N_TIERS], return_inverse=True)  # text ids
+    texts = [data.texts[k] for k in unique]
+    return texts, torch.as_tensor(inverse.reshape(len(items), N_TIERS), dtype=torch.long)
+
+
+def _level_loss(
+    module: nn.Module, backend: Backend, data: TrainData, items: Sequence[int], images: list[Any] | None
+) -> dict[str, torch.Tensor]:
+    """Level-restricted contrastive loss of one micro-batch: ``level1``..``level4`` and ``total``."""
+    if images is None:
+        raise SettingsError("loss.name=level needs images: set data.images_dir to the folder holding the train images")
+    texts, labels = level_batch(data, items)
+    text, image = module(backend.tokenize(texts), backend.preprocess(images))  # (U, D), (B, D)
+    labels = labels.to(text.device)
+    out = level_contrastive_loss(image, text[labels], labels, backend.logit_scale)  # text[labels]: (B, 4, D)
+    return {**{f"level{i + 1}": v for i, v in enumerate(out["per_level"])}, "total": out["total"]}
+
+
 def batch_loss(
     module: nn.Module,
     backend: Backend,
@@ -176,12 +208,14 @@ def batch_loss(
     images: list[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss terms (scalars) of one micro-batch; ``reference``: (U, D) frozen embeddings or None."""
+    loss = settings.loss
+    if loss.name == "level":
+        return _level_loss(module, backend, data, items, images)
     tokens = backend.tokenize(batch_texts(data, items))
     pixels = backend.preprocess(images) if images is not None else None
     text, image = module(tokens, pixels)
     chains = text[:-1].view(len(items), TEXTS_PER_ITEM, -1)  # (B, 8, D)
     pos, neg, root = chains[:, :4], chains[:, 4:], text[-1]
-    loss = settings.loss
     if loss.name == "rcme":
         return rcme_loss(pos, neg, root, image, backend.logit_scale, alpha=loss.rcme_alpha, beta=loss.rcme_beta)
     pos_ref = neg_ref = None
@@ -352,11 +386,12 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
     output_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_train_data(settings.data.source, settings.data.split, settings.data.exclude_images_from, settings.data.max_items)
-    need_images = settings.loss.name == "rcme"
     image_paths = None
-    if need_images:
+    if settings.loss.name in IMAGE_LOSSES:
         if not settings.data.images_dir:
-            raise SettingsError("loss.name=rcme needs images: set data.images_dir to the folder holding the train images")
+            raise SettingsError(
+                f"loss.name={settings.loss.name} needs images: set data.images_dir to the folder holding the train images"
+            )
         image_paths = resolve_images(data, settings.data.images_dir)
 
     backend = load_backend(

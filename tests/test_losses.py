@@ -258,6 +258,17 @@ def test_rcme_finite_with_coinciding_embeddings():
     assert torch.isfinite(out["total"]) and torch.isfinite(same.grad).all()
 
 
+def test_clip_contrastive_equals_plain_clip_formula_with_duplicate_texts():
+    """Independent formula: mean of the two diagonal cross-entropies; a repeated text stays a negative."""
+    gen = torch.Generator().manual_seed(8)
+    image, text = unit(torch.randn(5, 8, generator=gen)), unit(torch.randn(5, 8, generator=gen))
+    text[3] = text[1]  # equal texts are still separate rows (CLIP's convention, RCME's eq. 8)
+    logits = 7.0 * image @ text.T
+    diag = torch.arange(5)
+    expected = (torch.nn.functional.cross_entropy(logits, diag) + torch.nn.functional.cross_entropy(logits.T, diag)) / 2
+    assert clip_contrastive_loss(image, text, 7.0).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
 def test_logit_scale_is_frozen_in_contrastive_terms():
     scale = torch.tensor(5.0, requires_grad=True)
     image, text = unit(torch.randn(4, 8)), unit(torch.randn(4, 8)).requires_grad_()

@@ -16,9 +16,9 @@ from PIL import Image
 
 from finetune.backends import load_backend
 from finetune.config import SettingsError, load_settings, resolve
-from finetune.data import TrainDataError, load_train_data
+from finetune.data import TrainData, TrainDataError, index_texts, load_train_data
 from finetune.geometry import normalize
-from finetune.losses import re_loss
+from finetune.losses import level_contrastive_loss, re_loss
 from finetune.train import (
     AlignmentModule,
     TrainError,
@@ -26,6 +26,7 @@ from finetune.train import (
     batch_plan,
     batch_texts,
     frozen_reference,
+    level_batch,
     read_log,
     train,
 )
@@ -221,12 +222,17 @@ def test_gradient_accumulation_matches_one_large_batch(tiny_hf_clip_dir, train_c
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_rcme_trains_both_towers_with_images_and_frozen_logit_scale(tiny_open_clip_dir, train_csv, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
+def write_images(folder: Path, n: int = 16) -> Path:
+    """Random RGB images named like the train CSV's image URLs (0000.jpg, ...)."""
+    folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3)).astype("uint8")).save(images / f"{i:04d}.jpg")
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3)).astype("uint8")).save(folder / f"{i:04d}.jpg")
+    return folder
+
+
+def test_rcme_trains_both_towers_with_images_and_frozen_logit_scale(tiny_open_clip_dir, train_csv, tmp_path):
+    images = write_images(tmp_path / "images")
     args = ("loss.name=rcme", "optim.lr=1e-3", "optim.batch_size=8", "optim.max_steps=2")
     result = train(settings_for(tiny_open_clip_dir, train_csv, tmp_path / "rcme", *args, f"data.images_dir={images}",
                                 backend="open-clip"))
@@ -241,3 +247,67 @@ def test_rcme_trains_both_towers_with_images_and_frozen_logit_scale(tiny_open_cl
     with pytest.raises(TrainDataError, match="0003.jpg"):
         train(settings_for(tiny_open_clip_dir, train_csv, tmp_path / "rcme2", *args, f"data.images_dir={images}",
                            backend="open-clip"))
+
+
+# ----------------------------------------------------------------------------- level-restricted contrastive
+
+
+def test_level_batch_labels_equal_texts_share_an_id_per_level():
+    positive = [
+        ["animal", "goat", "goat on island", "a goat eating"],
+        ["animal", "frog", "frog on beach", "a frog sitting"],
+        ["animal", "goat", "goat on beach", "a goat eating"],
+        ["plant", "tree", "goat", "a tree"],  # "goat" at level 3 is the same text as level 2's "goat"
+    ]
+    negative = [["x", "y", "z", "w"]] * 4
+    texts, index = index_texts(positive, negative)
+    data = TrainData([str(i) for i in range(4)], positive, negative, [""] * 4, "test", texts, index)
+    items = [2, 0, 3, 1]
+    batch, labels = level_batch(data, items)
+    assert labels.shape == (4, 4) and labels.dtype == torch.long
+    # Every id names the item's tier text, and only positive tiers are encoded, each once.
+    assert [[batch[k] for k in row] for row in labels.tolist()] == [positive[j] for j in items]
+    assert len(batch) == len(set(batch)) == len({t for j in items for t in positive[j]})
+    for level in range(4):
+        for a in range(4):
+            for b in range(4):
+                same_text = positive[items[a]][level] == positive[items[b]][level]
+                assert (labels[a, level] == labels[b, level]).item() == same_text
+    assert labels[0, 0] == labels[1, 0] == labels[3, 0] != labels[2, 0]  # "animal" x3, "plant"
+    assert labels[0, 3] == labels[1, 3]  # "a goat eating" twice
+
+
+def _level_loss_all(backend, data, images) -> float:
+    """The level loss over the whole (tiny) dataset as one batch, without gradients."""
+    texts, labels = level_batch(data, range(len(data)))
+    text, image = backend.encode_text(texts), backend.encode_images(images)
+    return level_contrastive_loss(image, text[labels], labels, backend.logit_scale)["total"].item()
+
+
+def test_level_loss_run_trains_both_towers_and_lowers_the_level_loss(tiny_hf_clip_dir, train_csv, tmp_path):
+    images_dir = write_images(tmp_path / "images")
+    images = [Image.open(images_dir / f"{i:04d}.jpg").convert("RGB") for i in range(16)]
+    data = load_train_data(str(train_csv))
+    before = load_backend("hf-clip", tiny_hf_clip_dir)
+    args = ("loss.name=level", "optim.lr=1e-3", "optim.batch_size=8", "optim.epochs=2", "optim.scheduler=constant")
+    settings = settings_for(tiny_hf_clip_dir, train_csv, tmp_path / "level", *args, f"data.images_dir={images_dir}")
+    resolved = resolve(settings)
+    assert resolved.loss.towers == "both" and resolved.optim.betas == [0.9, 0.98]  # RCME's cross-modal recipe
+    result = train(settings)
+    log = read_log(result.log_path)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert {"loss/level1", "loss/level2", "loss/level3", "loss/level4", "loss/total"} <= set(log[0])
+    assert all(np.isfinite(r["loss/total"]) for r in log)
+    # T1 is "animal" for every item: one shared label, no negative, so level 1 costs nothing.
+    assert all(r["loss/level1"] == pytest.approx(0.0, abs=1e-6) for r in log)
+    assert all(r["loss/level4"] > 0 for r in log)
+    after = load_backend("hf-clip", result.final_dir)
+    assert _level_loss_all(after, data, images) < _level_loss_all(before, data, images) - 0.05
+    b, a = before.model.state_dict(), after.model.state_dict()
+    assert not torch.equal(b["visual_projection.weight"], a["visual_projection.weight"])
+    assert not torch.equal(b["text_projection.weight"], a["text_projection.weight"])
+    assert torch.equal(b["logit_scale"], a["logit_scale"])
+    with pytest.raises(SettingsError, match="data.images_dir"):
+        train(settings_for(tiny_hf_clip_dir, train_csv, tmp_path / "level2", *args))
+    with pytest.raises(SettingsError, match="loss.name=level"):
+        resolve(settings_for(tiny_hf_clip_dir, train_csv, tmp_path / "level3", *args, backend="text"))
