@@ -5,6 +5,7 @@ Subcommands (each writes a JSON file, or a report folder, atomically):
 * ``retrieval``  HierarCaps hierarchical retrieval (precision, recall, tau_d);
 * ``report``     qualitative HTML page + plots + comparison for one or more models;
 * ``lexical``    HyperLex Spearman rho;
+* ``wordnet``    WordNet hypernymy ordering (depth tau, hypernym-closer fraction, exterior-angle gap);
 * ``retention``  text-to-image R@1/5/10 on the HierarCaps test images;
 * ``zeroshot``   zero-shot classification from a label list and a labelled image folder;
 * ``taxonomy``   taxonomy metrics from a Rare-Species-layout table and its images;
@@ -72,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--hyperlex", required=True, help="hyperlex-all.txt (WORD1 WORD2 POS ... AVG_SCORE)")
     p.add_argument("--prompt", default="a picture of a {}")
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("wordnet", help="WordNet noun hypernymy ordering check")
+    _model_args(p)
+    p.add_argument("--wordnet-dir", default="/usr/share/wordnet",
+                   help="folder with WordNet 3.0 data.noun and index.noun (Debian wordnet-base, or Princeton dict/)")
+    p.add_argument("--n-chains", type=int, default=500, help="hypernym chains sampled")
+    p.add_argument("--min-depth", type=int, default=5, help="least number of edges from entity.n.01 to a sampled synset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the chain sample and the shuffled pairs")
+    p.add_argument("--include-instances", action="store_true", help="also sample instances (Paris, Einstein) as leaves")
+    p.add_argument("--prompt", default="a picture of a {}")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per model call")
     p.add_argument("--output", required=True)
 
     p = sub.add_parser("retention", help="text-to-image R@1/5/10 on the HierarCaps test images")
@@ -153,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"report written to {written['html']}")
         return 0
+    if args.command == "wordnet":
+        from finetune.evaluation.wordnet import wordnet_files
+
+        wordnet_files(args.wordnet_dir)  # fail on missing data before loading the model
     encoder = _load(args, args.model)
     start = time.perf_counter()
     if args.command == "retrieval":
@@ -164,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
         from finetune.evaluation.lexical import evaluate_lexical
 
         metrics = evaluate_lexical(encoder, args.hyperlex, args.prompt, args.model)
+    elif args.command == "wordnet":
+        from finetune.evaluation.wordnet import evaluate_wordnet
+
+        metrics = evaluate_wordnet(encoder, args.wordnet_dir, args.n_chains, args.min_depth, args.seed, args.prompt,
+                                   args.model, args.batch_size, args.include_instances)
     elif args.command == "retention":
         from finetune.evaluation.retention import text_to_image_retrieval
 
