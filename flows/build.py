@@ -115,7 +115,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@flow(name="build-hierarcaps", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="build-hierarcaps", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def build_hierarcaps(settings: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """Build a HierarCaps dataset into ``output_dir``; rerunning resumes where it stopped.
 
