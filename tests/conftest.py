@@ -79,3 +79,17 @@ def tiny_open_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_text_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Small BertModel + WordPiece tokenizer."""
     return _tiny(tmp_path_factory, "text_encoder")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop Prefect's ephemeral API servers while pytest's output streams are still open.
+
+    Prefect stops them at interpreter exit otherwise, and its farewell log line then hits a
+    closed stream ("Logging error ... I/O operation on closed file").
+    """
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            server.stop()
