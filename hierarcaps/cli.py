@@ -8,6 +8,10 @@
 * ``hierarcaps convert out/ test.csv --split test`` writes one split back as a release CSV
   (``.csv.gz`` compresses); ``--layout`` forces ``curated``, ``expanded`` or ``expanded_id``.
 
+``hierarcaps tiny-model KIND OUT`` writes a tiny random model (``hf_clip``, ``open_clip``,
+``nli``, ...) into OUT: an offline stand-in for plumbing checks of ``hierarcaps-finetune`` and
+``hierarcaps-eval`` on machines that cannot download weights. Its numbers mean nothing.
+
 Errors about the input (wrong header, a hierarchy without four tiers, a missing split) print one
 line naming the file and line and exit with status 2.
 """
@@ -16,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from hierarcaps.formats import convert
 from hierarcaps.schema import RELEASE_LAYOUTS, SchemaError
+from hierarcaps.tiny_models import KINDS, build_tiny_model
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,12 +49,32 @@ def _parser() -> argparse.ArgumentParser:
         help="folder -> CSV only: the release layout (default: curated when no row has negatives, else expanded)",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output CSV or split")
+    tiny = commands.add_parser(
+        "tiny-model",
+        help="write a tiny random model (offline plumbing checks)",
+        description="Write a tiny random model with its tokenizer into OUT, for offline plumbing checks. "
+        "Its outputs are meaningless.",
+    )
+    tiny.add_argument("kind", metavar="KIND", choices=KINDS, help=f"one of: {', '.join(KINDS)}")
+    tiny.add_argument("output", metavar="OUT", help="folder to create (must not exist or be empty)")
     return parser
+
+
+def _tiny_model(kind: str, output: str) -> int:
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        print(f"hierarcaps tiny-model: error: {out} is not empty; choose a new folder", file=sys.stderr)
+        return 2
+    build_tiny_model(kind, out)
+    print(f"wrote a tiny random {kind} model to {out} (for plumbing checks only: its outputs mean nothing)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hierarcaps`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "tiny-model":
+        return _tiny_model(args.kind, args.output)
     if args.command == "convert":
         try:
             result = convert(args.input, args.output, args.split, layout=args.layout, overwrite=args.overwrite)
