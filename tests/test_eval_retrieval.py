@@ -292,7 +292,7 @@ def test_cli_retrieval_writes_metrics_json(tiny_open_clip_dir, tmp_path, capsys)
             "--images", str(DATA / "test_imgs"), "--variant", "paper", "--draft-size", "64", "--output", str(out)]
     assert main(argv) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["variant"] == "paper" and metrics["n_rows"] == 30 and metrics["backend"] == str(tiny_open_clip_dir)
+    assert metrics["variant"] == "paper" and metrics["n_rows"] == 30 and metrics["backend"] == "open-clip"
     assert metrics["model"] == str(tiny_open_clip_dir) and metrics["versions"]["torch"]
     assert {"precision", "recall", "tau_d"} <= metrics.keys()
     assert not list(out.parent.glob(".*"))  # no temporary file left behind

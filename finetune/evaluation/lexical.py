@@ -117,7 +117,7 @@ def evaluate_lexical(
         **lexical_metrics(pairs, predicted),
         "prompt": prompt,
         "model": model,
-        "backend": getattr(encoder, "name", None),
+        "backend": getattr(encoder, "kind", None),
         "file": str(hyperlex),
         "file_sha256": file_sha256(Path(hyperlex)),
         "versions": package_versions(),

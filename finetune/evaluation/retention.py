@@ -81,7 +81,7 @@ def text_to_image_retrieval(
         "n_queries": len(test),
         "n_images": len(paths),
         "model": model,
-        "backend": getattr(encoder, "name", None),
+        "backend": getattr(encoder, "kind", None),
         "test_file": test.origin,
         "test_sha256": test.sha256,
         "versions": package_versions(),
@@ -160,7 +160,7 @@ def zero_shot_classification(
         "n_classes": len(labels),
         "n_templates": len(templates),
         "model": model,
-        "backend": getattr(encoder, "name", None),
+        "backend": getattr(encoder, "kind", None),
         "images_dir": str(images_dir),
         "versions": package_versions(),
     }

@@ -384,5 +384,5 @@ def evaluate_retrieval(
     start = time.perf_counter()
     run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size, draft_size)
     metrics = run_metrics(run, model, round(time.perf_counter() - start, 3))
-    metrics["backend"] = getattr(backend, "name", type(backend).__name__)
+    metrics["backend"] = getattr(backend, "kind", type(backend).__name__)
     return metrics

@@ -49,7 +49,7 @@ def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSe
     out_dir = Path(out_dir)
     s = settings
     start = time.perf_counter()
-    result: dict[str, Any] = {"model": model, "backend": getattr(encoder, "name", None), "settings": asdict(s)}
+    result: dict[str, Any] = {"model": model, "backend": getattr(encoder, "kind", None), "settings": asdict(s)}
     if s.test_source:
         run = run_retrieval(encoder, s.test_source, s.images_dir, s.variant, s.steps,  # type: ignore[arg-type]
                             s.text_batch_size, s.image_batch_size, s.draft_size)

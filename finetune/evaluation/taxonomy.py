@@ -257,7 +257,7 @@ def evaluate_taxonomy(
         "template": template,
         "root_text": root_text,
         "model": model,
-        "backend": getattr(encoder, "name", None),
+        "backend": getattr(encoder, "kind", None),
         "table": str(table),
         "table_sha256": file_sha256(Path(table)),
         "versions": package_versions(),

@@ -325,7 +325,7 @@ def evaluate_wordnet(
         "prompt": prompt,
         "example_chains": [[nouns.names[s] for s in c] for c in chains[:5]],
         "model": model,
-        "backend": getattr(encoder, "name", None),
+        "backend": getattr(encoder, "kind", None),
         "wordnet_dir": str(wordnet_dir),
         "file_sha256": file_sha256(data_path),
         "n_synsets": len(nouns),
