@@ -1,7 +1,7 @@
 """Prefect flow ``finetune``: from a ``build-hierarcaps`` output folder to an aligned model.
 
-``finetune_flow(build_output_dir, settings)`` trains on ``<build_output_dir>/dataset`` (the
-``DatasetDict`` the build flow saves there) with :func:`finetune.train.train`. When
+``finetune_flow(build_output_dir, settings)`` trains on ``<build_output_dir>/final/dataset``
+(the ``DatasetDict`` a finished build saves there; the ``final`` folder itself is accepted too) with :func:`finetune.train.train`. When
 ``settings.eval.test_source`` and ``settings.eval.images_dir`` are set, it runs HierarCaps
 hierarchical retrieval (:func:`finetune.evaluation.retrieval.evaluate_retrieval`) on the model
 before and after training and writes ``eval_before.json`` / ``eval_after.json`` beside the run.
@@ -17,7 +17,9 @@ from typing import Any, Sequence
 from prefect import flow, get_run_logger, task
 
 from finetune.config import FinetuneSettings, SettingsError
+from hierarcaps.pipeline import FINAL
 from hierarcaps.settings import apply_override
+from hierarcaps.stagedir import SUCCESS
 
 
 @task(name="evaluate-retrieval")
@@ -51,10 +53,26 @@ def _device(settings: FinetuneSettings) -> str:
     return "cuda" if torch.cuda.is_available() and not settings.run.cpu else "cpu"
 
 
+def build_dataset_dir(build_output_dir: Path) -> Path:
+    """The ``DatasetDict`` folder of a finished build: ``OUT/final/dataset`` (``OUT`` = ``--output-dir``).
+
+    The build's ``final`` folder is accepted as well. A build without the ``_SUCCESS`` marker of
+    its final stage is unfinished (or failed) and is refused.
+    """
+    for final in (build_output_dir / FINAL, build_output_dir):
+        if (final / "dataset").is_dir():
+            if not (final / SUCCESS).is_file():
+                raise SettingsError(
+                    f"{final}: the build is unfinished (no {SUCCESS}); rerun the same build-hierarcaps command first"
+                )
+            return final / "dataset"
+    raise SettingsError(
+        f"{build_output_dir}: no {FINAL}/dataset folder; give the --output-dir of a finished build-hierarcaps run"
+    )
+
+
 def _with_dataset(build_output_dir: Path, settings: FinetuneSettings) -> FinetuneSettings:
-    dataset = build_output_dir / "dataset"
-    if not dataset.is_dir():
-        raise SettingsError(f"{build_output_dir}: no dataset folder; give the output folder of build-hierarcaps")
+    dataset = build_dataset_dir(build_output_dir)
     return dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=str(dataset)))
 
 

@@ -35,7 +35,7 @@ NEGATIVES = [
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> Path:
-    """A stand-in for a build-hierarcaps output folder: only its ``dataset`` DatasetDict is read."""
+    """A stand-in for a finished build-hierarcaps output folder: ``final/dataset`` and ``final/_SUCCESS``."""
     root = tmp_path_factory.mktemp("build")
     train_csv = root / "train.csv"
     with train_csv.open("w", newline="") as fh:
@@ -43,7 +43,8 @@ def build_dir(tmp_path_factory) -> Path:
         w.writerow(["positive", "negative", "image_url"])
         for i in range(8):
             w.writerow([" => ".join(CHAINS[i % 4]), " => ".join(NEGATIVES[i % 4]), f"http://x/{i}.jpg"])
-    csv_to_folder(train_csv, root / "dataset")
+    csv_to_folder(train_csv, root / "final" / "dataset")
+    (root / "final" / "_SUCCESS").write_text("{}")
     return root
 
 
@@ -90,17 +91,28 @@ def test_flow_rejects_a_folder_without_dataset(tmp_path):
         finetune_flow(tmp_path, overrides=[f"run.output_dir={tmp_path / 'run'}"])
 
 
+def test_an_unfinished_build_is_refused_and_a_finished_one_found(build_dir, tmp_path):
+    from finetune.config import SettingsError
+    from flows.finetune import build_dataset_dir
+
+    assert build_dataset_dir(build_dir) == build_dir / "final" / "dataset"
+    assert build_dataset_dir(build_dir / "final") == build_dir / "final" / "dataset"
+    (tmp_path / "final" / "dataset").mkdir(parents=True)  # a final stage that never wrote _SUCCESS
+    with pytest.raises(SettingsError, match="unfinished"):
+        build_dataset_dir(tmp_path)
+
+
 def test_cli_trains_with_config_file_and_overrides(build_dir, tiny_open_clip_dir, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model:\n  backend: open-clip\n  name_or_path: {tiny_open_clip_dir}\noptim:\n  lr: 0.001\n")
     out = tmp_path / "cli-run"
-    code = main(["--config", str(cfg), "--data", str(build_dir / "dataset"), "--output", str(out),
+    code = main(["--config", str(cfg), "--data", str(build_dir / "final" / "dataset"), "--output", str(out),
                  "--set", "optim.batch_size=8", "--no-progress"])
     assert code == 0
     assert "trained 1 steps" in capsys.readouterr().out
     assert (out / "final" / "open_clip_config.json").is_file() and len(read_log(out / "loss_log.jsonl")) == 1
     # A second run into the same folder without --resume is refused with a clear message.
-    assert main(["--config", str(cfg), "--data", str(build_dir / "dataset"), "--output", str(out), "--no-progress"]) == 2
+    assert main(["--config", str(cfg), "--data", str(build_dir / "final" / "dataset"), "--output", str(out), "--no-progress"]) == 2
     assert "run.resume" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "missing.csv" in capsys.readouterr().err
