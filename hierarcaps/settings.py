@@ -243,9 +243,13 @@ def _parse_text(value: str, tp: Any, key: str) -> Any:
             return float(value)
         if inner is str:
             return value
+        if typing.get_origin(inner) is list and not value.lstrip().startswith("["):
+            # A list of plain texts may be written without JSON: a,b,c
+            return _coerce([item.strip() for item in value.split(",") if item.strip()], tp, key, origin)
         return _coerce(json.loads(value), tp, key, origin)
     except (ValueError, json.JSONDecodeError) as err:
-        raise SettingsError(f"{origin}: {key} must be {_type_name(tp)}") from err
+        hint = ' (a JSON value, e.g. ["a", "b"], or comma-separated texts)' if typing.get_origin(inner) is list else ""
+        raise SettingsError(f"{origin}: {key} must be {_type_name(tp)}{hint}") from err
 
 
 def apply_override(obj: T, text: str) -> T:

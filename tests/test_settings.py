@@ -117,3 +117,16 @@ def test_resolved_tree_round_trips_through_json():
     back = from_dict(data)
     assert back == s
     assert isinstance(back, BuildSettings) and back.complete.num_candidates == 5
+
+
+def test_list_settings_take_json_or_comma_separated_texts():
+    from finetune.config import load_settings
+
+    def excluded(text: str) -> list[str]:
+        return load_settings(None, [f"data.exclude_images_from={text}"]).data.exclude_images_from
+
+    assert excluded("hierarcaps_test.csv") == ["hierarcaps_test.csv"]
+    assert excluded("a.csv, b.csv") == ["a.csv", "b.csv"]
+    assert excluded('["a,1.csv"]') == ["a,1.csv"]
+    with pytest.raises(SettingsError, match="comma-separated"):
+        excluded('["unclosed"')
