@@ -27,6 +27,7 @@ stage's models at a time) and released when the stage ends.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gc
 import json
 import math
@@ -578,20 +579,27 @@ def ensure_tiny_model(kind: str, folder: Path, priming_captions: Sequence[str] |
     """Build a tiny random model of ``kind`` into ``folder`` once (atomically) and return it.
 
     With ``priming_captions`` the model is then trained to write the stages' formats
-    (:func:`hierarcaps.smoke.prime_tiny_model`; smoke profile only).
+    (:func:`hierarcaps.smoke.prime_tiny_model`; smoke profile only). Concurrent shards (threads,
+    or Dask worker processes sharing the output folder) wait on a lock file beside ``folder``:
+    one builds, the others then find it finished, so no one replaces a folder another is loading.
     """
     from hierarcaps.stagedir import atomic_path
     from hierarcaps.tiny_models import build_tiny_model
 
     marker = folder / "_SUCCESS"
-    if not marker.is_file():
-        with atomic_path(folder) as tmp:
-            build_tiny_model(kind, tmp)
-            if priming_captions is not None:
-                from hierarcaps.smoke import prime_tiny_model
+    if marker.is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.is_file():
+            with atomic_path(folder) as tmp:
+                build_tiny_model(kind, tmp)
+                if priming_captions is not None:
+                    from hierarcaps.smoke import prime_tiny_model
 
-                prime_tiny_model(kind, tmp, priming_captions)
-            (tmp / "_SUCCESS").write_text(kind, encoding="utf-8")
+                    prime_tiny_model(kind, tmp, priming_captions)
+                (tmp / "_SUCCESS").write_text(kind, encoding="utf-8")
     return folder
 
 
