@@ -10,6 +10,12 @@ Publish to the Hugging Face Hub (private unless ``--public``)::
 
     build-hierarcaps publish OUT --repo-id ORG/NAME [--public] [--token TOKEN] [--dry-run FOLDER]
 
+Fine-tune on the finished build (Prefect flow ``finetune``; with a test set, HierarCaps retrieval
+is evaluated before and after training)::
+
+    build-hierarcaps finetune OUT --model openai/clip-vit-base-patch32 --run-dir runs/re \
+        [--test-csv hierarcaps_test.csv --images test_imgs/] [--config run.toml] [--set key=value ...]
+
 See ``docs/build.md``.
 """
 
@@ -30,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="build-hierarcaps",
         description="Build a HierarCaps-style dataset (captions -> seeds -> augmentation -> completer -> "
         "positives -> negatives -> DatasetDict). Rerun the same command to resume. "
-        "Subcommand: 'build-hierarcaps publish OUTPUT_DIR --repo-id ORG/NAME'.",
+        "Subcommands: 'build-hierarcaps publish OUTPUT_DIR --repo-id ORG/NAME', "
+        "'build-hierarcaps finetune OUTPUT_DIR --model M' (see their --help).",
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for every output of the build")
     parser.add_argument("--profile", default="paper", choices=PROFILES,
@@ -56,6 +63,24 @@ def publish_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="Hugging Face token (default: your login or HF_TOKEN)")
     parser.add_argument("--dry-run", type=Path, metavar="FOLDER",
                         help="write exactly the files that would be uploaded into FOLDER; upload nothing")
+    return parser
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="build-hierarcaps finetune",
+        description="Prefect flow 'finetune': train on a finished build's dataset (settings as hierarcaps-finetune); "
+        "with --test-csv and --images, evaluate HierarCaps retrieval before and after training.",
+    )
+    parser.add_argument("output_dir", type=Path, help="the --output-dir of a finished build")
+    parser.add_argument("--config", type=Path, help="fine-tuning settings file (.toml, .yaml)")
+    parser.add_argument("--model", help="model.name_or_path: hub id, folder or open_clip name")
+    parser.add_argument("--backend", choices=("hf-clip", "open-clip", "text"), help="model.backend")
+    parser.add_argument("--run-dir", help="run.output_dir: where checkpoints, logs and evaluations go")
+    parser.add_argument("--test-csv", help="eval.test_source: curated test CSV (or dataset folder) for before/after")
+    parser.add_argument("--images", help="eval.images_dir: the test images")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one fine-tuning setting, e.g. --set loss.name=rcme (repeatable)")
     return parser
 
 
@@ -122,10 +147,43 @@ def main_publish(argv: Sequence[str]) -> int:
     return 0
 
 
+def main_finetune(argv: Sequence[str]) -> int:
+    from finetune.config import load_settings
+    from flows.finetune import build_dataset_dir, finetune_flow
+
+    args = finetune_parser().parse_args(argv)
+    shortcuts = {
+        "model.name_or_path": args.model, "model.backend": args.backend, "run.output_dir": args.run_dir,
+        "eval.test_source": args.test_csv, "eval.images_dir": args.images,
+    }
+    try:
+        dataset = build_dataset_dir(args.output_dir)
+        overrides = [f"data.source={dataset}"] + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+        settings = load_settings(args.config, overrides + list(args.overrides))
+    except SettingsError as err:
+        print(f"build-hierarcaps finetune: settings error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = finetune_flow(args.output_dir, settings)
+    except Exception as err:  # noqa: BLE001 - any failure ends the same way for the user
+        print(f"build-hierarcaps finetune: failed: {type(err).__name__}: {err}\n"
+              f"Checkpoints are kept: add --set run.resume=true to continue.", file=sys.stderr)
+        return 1
+    print(f"build-hierarcaps finetune: {result['train']['steps']} steps; model in {result['train']['final_dir']}")
+    for when in ("before", "after"):
+        metrics = result[when]
+        if metrics:
+            print(f"  {when:<6} precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  "
+                  f"tau_d {metrics['tau_d']:.4f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "publish":
         return main_publish(argv[1:])
+    if argv and argv[0] == "finetune":
+        return main_finetune(argv[1:])
     return main_build(argv)
 
 

@@ -91,5 +91,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     server_module = sys.modules.get("prefect.server.api.server")
     if server_module is not None:
+        # Send the flows' pending log records while the API can still take them.
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
         for server in list(server_module.SubprocessASGIServer._instances.values()):
             server.stop()

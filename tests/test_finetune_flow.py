@@ -116,3 +116,23 @@ def test_cli_trains_with_config_file_and_overrides(build_dir, tiny_open_clip_dir
     assert "run.resume" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_build_cli_finetune_subcommand_runs_the_flow(build_dir, tiny_hf_clip_dir, tmp_path, capsys):
+    from flows.cli import main
+
+    run = tmp_path / "run"
+    code = main(["finetune", str(build_dir), "--model", str(tiny_hf_clip_dir), "--run-dir", str(run),
+                 "--set", "optim.batch_size=4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2 steps" in out and str(run / "final") in out
+    assert (run / "final" / "config.json").is_file() and (run / "loss_log.jsonl").is_file()
+
+
+def test_build_cli_finetune_refuses_an_unfinished_build(tmp_path, capsys):
+    from flows.cli import main
+
+    (tmp_path / "final" / "dataset").mkdir(parents=True)
+    assert main(["finetune", str(tmp_path), "--model", "unused"]) == 2
+    assert "unfinished" in capsys.readouterr().err
