@@ -24,6 +24,7 @@ from finetune.backends import BackendError
 from finetune.config import SettingsError, load_settings
 from finetune.data import TrainDataError
 from finetune.train import TrainError, read_log, train
+from hierarcaps.models import quiet_library_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_progress()
     shortcuts = {
         "data.source": args.data, "model.name_or_path": args.model, "model.backend": args.backend,
         "run.output_dir": args.output, "run.resume": "true" if args.resume else None,
@@ -58,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log = read_log(result.log_path)
     final = f"{log[-1]['loss/total']:.6f}" if log else "n/a"
-    print(f"trained {result.steps} steps; final loss {final}; model in {result.final_dir}")
+    steps = f"{result.steps} step{'' if result.steps == 1 else 's'}"
+    print(f"trained {steps}; final loss {final}; model in {result.final_dir}")
     return 0
 
 

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hierarcaps.models import quiet_library_progress
 from hierarcaps.settings import PROFILES, SettingsError, resolve_settings
 
 RESUME_HINT = "rerun the same command to resume"
@@ -180,6 +181,7 @@ def main_finetune(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_library_progress()
     if argv and argv[0] == "publish":
         return main_publish(argv[1:])
     if argv and argv[0] == "finetune":

@@ -276,3 +276,16 @@ def describe_model(model: Any) -> dict[str, Any]:
         "quantization": spec.quantization if spec else None,
         "parameters": int(count),
     }
+
+
+def quiet_library_progress() -> None:
+    """Hide the progress bars transformers and datasets draw for loading and saving.
+
+    A command's own bars (stages, shards, training steps) stay readable; the libraries' bars
+    for reading weights or writing an Arrow file last milliseconds and only interleave with them.
+    """
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()

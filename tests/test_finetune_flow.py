@@ -109,7 +109,7 @@ def test_cli_trains_with_config_file_and_overrides(build_dir, tiny_open_clip_dir
     code = main(["--config", str(cfg), "--data", str(build_dir / "final" / "dataset"), "--output", str(out),
                  "--set", "optim.batch_size=8", "--no-progress"])
     assert code == 0
-    assert "trained 1 steps" in capsys.readouterr().out
+    assert "trained 1 step;" in capsys.readouterr().out
     assert (out / "final" / "open_clip_config.json").is_file() and len(read_log(out / "loss_log.jsonl")) == 1
     # A second run into the same folder without --resume is refused with a clear message.
     assert main(["--config", str(cfg), "--data", str(build_dir / "final" / "dataset"), "--output", str(out), "--no-progress"]) == 2

@@ -217,8 +217,10 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: parse, run, and turn input errors into one clear line and exit code 2."""
     from finetune.backends import BackendError
+    from hierarcaps.models import quiet_library_progress
 
     args = build_parser().parse_args(argv)
+    quiet_library_progress()
     try:
         return run(args)
     except (FileNotFoundError, ValueError, BackendError) as err:
