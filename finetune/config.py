@@ -8,7 +8,7 @@ The tree (every key can be set in a file or with ``--set``)::
     optim.lr / batch_size / epochs / max_steps / betas / eps / weight_decay / scheduler /
           gradient_accumulation_steps / max_grad_norm
     run.output_dir / seed / mixed_precision / checkpoint_every / save_total_limit / resume / cpu
-    eval.test_source / images_dir / batch_size                       (used by the Prefect flow)
+    eval.test_source / images_dir / variant / hyperlex / wordnet_dir / batch_size  (Prefect flow)
 
 Settings left empty (``None``) take the paper default of the chosen loss when the run starts
 (:func:`resolve`): RE and EC use the HierarCaps recipe (AdamW, lr 1e-7, batch 8, constant
@@ -128,10 +128,13 @@ class RunSettings:
 
 @dataclass
 class EvalSettings:
-    """Retrieval evaluation before and after training (Prefect flow); empty ``test_source`` skips it."""
+    """Evaluation before and after training (Prefect flow ``finetune``); an empty input skips its benchmark."""
 
-    test_source: str = ""  # curated test CSV, or a dataset folder with a test split
+    test_source: str = ""  # curated test CSV, or a dataset folder with a test split (retrieval, retention)
     images_dir: str = ""
+    variant: str = "released"  # HierarCaps retrieval: the released evaluator's semantics, or "paper"
+    hyperlex: str = ""  # a HyperLex-format file (lexical entailment)
+    wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet (hypernymy ordering)
     batch_size: int = 256
 
 
@@ -181,6 +184,7 @@ def validate(settings: FinetuneSettings) -> None:
     if settings.optim.scheduler is not None:
         _one_of(settings.optim.scheduler, SCHEDULERS, "optim.scheduler")
     _one_of(settings.run.mixed_precision, MIXED_PRECISION, "run.mixed_precision")
+    _one_of(settings.eval.variant, ("released", "paper"), "eval.variant")
     if len(settings.loss.weights) != 3:
         raise SettingsError(f"loss.weights must be three numbers (mean, minimax, reg); got {settings.loss.weights}")
     if settings.optim.betas is not None and len(settings.optim.betas) != 2:

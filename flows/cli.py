@@ -172,10 +172,12 @@ def main_finetune(argv: Sequence[str]) -> int:
         return 1
     print(f"build-hierarcaps finetune: {result['train']['steps']} steps; model in {result['train']['final_dir']}")
     for when in ("before", "after"):
-        metrics = result[when]
+        metrics = (result[when] or {}).get("hierarcaps")
         if metrics:
             print(f"  {when:<6} precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  "
                   f"tau_d {metrics['tau_d']:.4f}")
+    if result["after"]:
+        print(f"  before/after table: {Path(settings.run.output_dir) / 'eval' / 'comparison.md'}")
     return 0
 
 

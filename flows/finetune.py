@@ -1,10 +1,12 @@
 """Prefect flow ``finetune``: from a ``build-hierarcaps`` output folder to an aligned model.
 
-``finetune_flow(build_output_dir, settings)`` trains on ``<build_output_dir>/final/dataset``
-(the ``DatasetDict`` a finished build saves there; the ``final`` folder itself is accepted too) with :func:`finetune.train.train`. When
-``settings.eval.test_source`` and ``settings.eval.images_dir`` are set, it runs HierarCaps
-hierarchical retrieval (:func:`finetune.evaluation.retrieval.evaluate_retrieval`) on the model
-before and after training and writes ``eval_before.json`` / ``eval_after.json`` beside the run.
+``finetune_flow(build_output_dir, settings)`` trains on ``<build_output_dir>/final/dataset`` (the
+``DatasetDict`` a finished build saves there; the ``final`` folder itself is accepted too) with
+:func:`finetune.train.train`. When
+``settings.eval`` names benchmark inputs (test CSV and images; a HyperLex file; a WordNet folder),
+it runs the evaluation suite (:func:`finetune.evaluation.suite.evaluate_checkpoint`) on the model
+before and after training, into ``<run>/eval/before/`` and ``<run>/eval/after/`` (metrics.json and
+plots), and writes the before/after table ``<run>/eval/comparison.md``.
 Each part is a task; the library functions it calls work without Prefect.
 """
 
@@ -22,20 +24,19 @@ from hierarcaps.settings import apply_override
 from hierarcaps.stagedir import SUCCESS
 
 
-@task(name="evaluate-retrieval")
-def evaluate_task(backend_kind: str, model: str, settings: FinetuneSettings, out_path: Path) -> dict[str, Any]:
-    """Retrieval metrics of ``model`` on the configured test set, written to ``out_path``."""
+@task(name="evaluate")
+def evaluate_task(backend_kind: str, model: str, settings: FinetuneSettings, out_dir: Path) -> dict[str, Any]:
+    """Every benchmark configured in ``settings.eval`` for ``model``; metrics and plots go to ``out_dir``."""
     from finetune.backends import load_backend
-    from finetune.evaluation.common import write_json
-    from finetune.evaluation.retrieval import evaluate_retrieval
+    from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
 
     backend = load_backend(backend_kind, model, device=_device(settings))
-    metrics = evaluate_retrieval(
-        backend, settings.eval.test_source, settings.eval.images_dir, model=model,
-        text_batch_size=settings.eval.batch_size,
+    e = settings.eval
+    suite = SuiteSettings(
+        test_source=e.test_source, images_dir=e.images_dir, variant=e.variant, hyperlex=e.hyperlex,
+        wordnet_dir=e.wordnet_dir, text_batch_size=e.batch_size,
     )
-    write_json(out_path, metrics)
-    return metrics
+    return evaluate_checkpoint(backend, out_dir, suite, model=model)
 
 
 @task(name="train")
@@ -45,6 +46,17 @@ def train_task(settings: FinetuneSettings) -> dict[str, Any]:
 
     result = train(settings)
     return {"final_dir": str(result.final_dir), "steps": result.steps, "output_dir": str(result.output_dir)}
+
+
+@task(name="compare")
+def compare_task(eval_dir: Path) -> Path:
+    """The before/after markdown table, ``eval_dir/comparison.md``."""
+    from finetune.evaluation.suite import compare_checkpoints
+
+    return compare_checkpoints(
+        [("before", eval_dir / "before" / "metrics.json"), ("after", eval_dir / "after" / "metrics.json")],
+        eval_dir / "comparison.md",
+    )
 
 
 def _device(settings: FinetuneSettings) -> str:
@@ -92,14 +104,16 @@ def finetune_flow(
     for text in overrides:
         settings = apply_override(settings, text)
     settings = _with_dataset(Path(build_output_dir), settings)
-    out = Path(settings.run.output_dir)
-    evaluate = bool(settings.eval.test_source and settings.eval.images_dir)
+    eval_dir = Path(settings.run.output_dir) / "eval"
+    e = settings.eval
+    evaluate = bool((e.test_source and e.images_dir) or e.hyperlex or e.wordnet_dir)
     before = after = None
     if evaluate:
-        before = evaluate_task(settings.model.backend, settings.model.name_or_path, settings, out / "eval_before.json")
-        logger.info("before training: %s", {k: before.get(k) for k in ("precision", "recall", "tau_d")})
+        before = evaluate_task(settings.model.backend, settings.model.name_or_path, settings, eval_dir / "before")
+        logger.info("before training: %s", before.get("hierarcaps", before))
     trained = train_task(settings)
     if evaluate:
-        after = evaluate_task(settings.model.backend, trained["final_dir"], settings, out / "eval_after.json")
-        logger.info("after training: %s", {k: after.get(k) for k in ("precision", "recall", "tau_d")})
+        after = evaluate_task(settings.model.backend, trained["final_dir"], settings, eval_dir / "after")
+        logger.info("after training: %s", after.get("hierarcaps", after))
+        compare_task(eval_dir)
     return {"train": trained, "before": before, "after": after}

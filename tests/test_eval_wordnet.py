@@ -193,3 +193,14 @@ def test_real_wordnet_with_tiny_clip(real_wordnet, tiny_hf_clip_dir, tmp_path):
     assert -1 <= m["tau_depth"] <= 1 and 0 <= m["hypernym_closer_fraction"] <= 1
     assert 0 <= m["angle_true_mean"] <= math.pi and 0 <= m["angle_shuffled_mean"] <= math.pi
     assert m["n_edges"] >= 12 and m["n_shuffled_pairs"] > 0 and len(m["file_sha256"]) == 64
+
+
+def test_suite_runs_the_wordnet_check_when_given_a_folder(real_wordnet, tiny_hf_clip_dir, tmp_path):
+    from finetune.backends import load_backend
+    from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
+
+    backend = load_backend("hf-clip", tiny_hf_clip_dir)
+    result = evaluate_checkpoint(backend, tmp_path, SuiteSettings(wordnet_dir=str(real_wordnet), wordnet_chains=8))
+    assert set(result) >= {"wordnet"} and "hierarcaps" not in result
+    assert result["wordnet"]["n_chains"] == 8 and -1 <= result["wordnet"]["tau_depth"] <= 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["wordnet"] == result["wordnet"]

@@ -77,10 +77,16 @@ def test_flow_trains_on_build_output_and_evaluates_before_and_after(build_dir, t
     result = finetune_flow(build_dir, settings)
     assert result["train"]["steps"] == 2  # 8 items, batch 4, one epoch
     assert Path(result["train"]["final_dir"], "config.json").is_file()
-    for name, metrics in (("eval_before.json", result["before"]), ("eval_after.json", result["after"])):
-        saved = json.loads((tmp_path / "run" / name).read_text())
-        assert saved["precision"] == metrics["precision"] and 0 <= saved["recall"] <= 1
+    eval_dir = tmp_path / "run" / "eval"
+    for when in ("before", "after"):
+        saved = json.loads((eval_dir / when / "metrics.json").read_text())
+        metrics = result[when]["hierarcaps"]
+        assert saved["hierarcaps"]["precision"] == metrics["precision"] and 0 <= metrics["recall"] <= 1
+        assert metrics["n_images"] == 4 and (eval_dir / when / "radius_by_tier.png").is_file()
     assert result["after"]["model"] == result["train"]["final_dir"]
+    assert result["before"]["model"] == str(tiny_hf_clip_dir)
+    table = (eval_dir / "comparison.md").read_text()
+    assert "before" in table and "after" in table and "precision" in table
 
 
 def test_flow_rejects_a_folder_without_dataset(tmp_path):

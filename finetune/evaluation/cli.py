@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot-images", default="")
     p.add_argument("--taxonomy-table", default="")
     p.add_argument("--taxonomy-images", default="")
+    p.add_argument("--wordnet-dir", default="", help="a WordNet 3.0 dict folder, e.g. /usr/share/wordnet")
     p.add_argument("--variant", choices=("released", "paper"), default="released")
     p.add_argument("--draft-size", type=int, default=None)
     p.add_argument("--output-dir", required=True)
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         settings = SuiteSettings(args.test_csv, args.images, args.variant, hyperlex=args.hyperlex,
                                  zeroshot_labels=args.zeroshot_labels, zeroshot_images=args.zeroshot_images,
                                  taxonomy_table=args.taxonomy_table, taxonomy_images=args.taxonomy_images,
-                                 draft_size=args.draft_size)
+                                 wordnet_dir=args.wordnet_dir, draft_size=args.draft_size)
         result = evaluate_checkpoint(encoder, args.output_dir, settings, args.model)
         print(f"metrics written to {Path(args.output_dir) / 'metrics.json'} ({result['seconds']} s)")
         return 0

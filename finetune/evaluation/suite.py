@@ -29,6 +29,8 @@ class SuiteSettings:
     zeroshot_images: str = ""
     taxonomy_table: str = ""
     taxonomy_images: str = ""
+    wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet
+    wordnet_chains: int = 500
     draft_size: int | None = None
     text_batch_size: int = 256
     image_batch_size: int = 64
@@ -38,13 +40,14 @@ def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSe
     """Run every configured benchmark; write ``metrics.json`` and the plots into ``out_dir``.
 
     Returns the metrics dict: one entry per benchmark (``hierarcaps``, ``retention``, ``hyperlex``,
-    ``zeroshot``, ``taxonomy``) plus the settings, model and package versions.
+    ``zeroshot``, ``taxonomy``, ``wordnet``) plus the settings, model and package versions.
     """
     from finetune.evaluation.lexical import evaluate_lexical
     from finetune.evaluation.report import plot_radius_by_tier, plot_tau_histogram
     from finetune.evaluation.retention import read_labels, text_to_image_retrieval, zero_shot_classification
     from finetune.evaluation.retrieval import run_metrics, run_retrieval
     from finetune.evaluation.taxonomy import evaluate_taxonomy
+    from finetune.evaluation.wordnet import evaluate_wordnet
 
     out_dir = Path(out_dir)
     s = settings
@@ -64,6 +67,9 @@ def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSe
         result["zeroshot"] = _strip(zero_shot_classification(encoder, read_labels(s.zeroshot_labels), s.zeroshot_images, model=model))
     if s.taxonomy_table and s.taxonomy_images:
         result["taxonomy"] = _strip(evaluate_taxonomy(encoder, s.taxonomy_table, s.taxonomy_images, model=model, draft_size=s.draft_size))
+    if s.wordnet_dir:
+        result["wordnet"] = _strip(evaluate_wordnet(encoder, s.wordnet_dir, s.wordnet_chains, model=model,
+                                                    batch_size=s.text_batch_size))
     result["seconds"] = round(time.perf_counter() - start, 3)
     result["versions"] = package_versions()
     write_json(out_dir / "metrics.json", result)
