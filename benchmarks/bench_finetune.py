@@ -127,4 +127,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from hierarcaps.models import quiet_library_progress
+
+    quiet_library_progress()
     main()
