@@ -111,6 +111,15 @@ def main_build(argv: Sequence[str]) -> int:
     except SettingsError as err:
         print(f"build-hierarcaps: settings error: {err}", file=sys.stderr)
         return 2
+    from hierarcaps.pipeline import BuildError, check_caption_sources
+
+    try:
+        check_caption_sources(settings)
+    except BuildError as err:
+        if not args.dry_run:
+            print(f"build-hierarcaps: settings error: {err}", file=sys.stderr)
+            return 2
+        print(f"warning: {err}")
     if args.dry_run:
         print(describe_plan(settings, args.output_dir))
         return 0

@@ -118,6 +118,20 @@ def resolve_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
+def check_caption_sources(settings: "BuildSettings") -> None:
+    """Raise :class:`BuildError` naming the setting when a caption file is unset or missing."""
+    examples = {"train": "/data/cc_train.tsv", "test": "/data/annotations/captions_val2014.json"}
+    for split, example in examples.items():
+        path = getattr(settings.captions, split).path
+        if not path:
+            raise BuildError(
+                f"captions.{split}.path is not set: give the {split} caption file, "
+                f"e.g. --set captions.{split}.path={example}"
+            )
+        if not resolve_path(path).is_file():
+            raise BuildError(f"captions.{split}.path = {path!r}: no such file")
+
+
 class Pipeline:
     """One build: resolved settings and an output folder; plans and runs stages and shards."""
 
@@ -366,15 +380,11 @@ def _captions(pipe: Pipeline, out: Path) -> list[StageStats]:
     """Sample seed, train (disjoint, from the train source) and test captions."""
     from hierarcaps.sources import iter_captions, sample_captions
 
+    check_caption_sources(pipe.settings)
     c = pipe.settings.captions
     stats = []
     for split in ("train", "test"):
         source = getattr(c, split)
-        if not source.path:
-            raise BuildError(
-                f"captions.{split}.path is not set: give the {split} caption file, "
-                f"e.g. --set captions.{split}.path=/data/{'cc_train.tsv' if split == 'train' else 'captions_val2014.json'}"
-            )
         split_stats = StageStats(stage=f"captions_{split}")
         with split_stats.timed():
             rows = iter_captions(resolve_path(source.path), source.format, column=source.column,

@@ -73,3 +73,17 @@ def test_paper_profile_without_caption_files_fails_clearly(tmp_path):
 
     with pytest.raises(BuildError, match="captions.train.path is not set"):
         Pipeline(resolve_settings("paper"), tmp_path).run_stage("captions")
+
+
+def test_cli_checks_caption_files_before_starting(tmp_path, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the flow started although a caption file is missing")
+
+    monkeypatch.setattr("flows.build.run_build", must_not_run)
+    assert main(["--output-dir", str(tmp_path)]) == 2
+    assert "captions.train.path is not set" in capsys.readouterr().err
+    missing = ["--set", f"captions.train.path={tmp_path / 'cc.tsv'}", "--set", "captions.test.path=resources:demo/coco_captions.json"]
+    assert main(["--output-dir", str(tmp_path)] + missing) == 2
+    assert "cc.tsv': no such file" in capsys.readouterr().err
+    assert main(["--output-dir", str(tmp_path), "--dry-run"] + missing) == 0  # the plan still prints, with a warning
+    assert capsys.readouterr().out.startswith("warning: captions.train.path")
