@@ -105,6 +105,15 @@ class TableScorer:
         (' "unterminated', False, None),
         ('animal". Done', True, "animal"),
         ("animal and more", True, None),
+        # Real SmolLM2 output: a stray closing quote is no answer, and it must not pair with a
+        # curly closing mark lines later.
+        (' scene below."\n\nsuch as “metal roofs” by', False, None),
+        (' "the old lighthouse\nstands on a cliff"', False, None),  # quotations close on their line
+        (' “a dog" and more', False, None),  # straight pairs with straight, curly with curly
+        (' “a dog” and "a cat"', False, "a dog"),
+        (' no "quote" then “another”', False, "quote"),
+        ("animal\nThe term is broad.\"", True, None),
+        ("animal” is the term", True, "animal"),
     ],
 )
 def test_extract_quoted(text, quote_open, expected) -> None:
@@ -117,6 +126,12 @@ def test_parse_answer_per_prompt() -> None:
     assert parse_answer(fill, " red fox.\"") == ("red fox", None)
     assert parse_answer(concept, ' ... "') == (None, "no_alphanumeric")
     assert parse_answer(concept, "cutting tools") == (None, "no_quoted_text")
+    # Models put sentence punctuation inside the quotes; it is not part of the tier.
+    shorten = load_prompt("seed_shorten")
+    assert parse_answer(shorten, ' "The old lighthouse stands on a rocky cliff."') == (
+        "The old lighthouse stands on a rocky cliff", None)
+    assert parse_answer(concept, 'scatter." Use only') == ("scatter", None)
+    assert parse_answer(fill, ' ____ ."') == (None, "no_alphanumeric")
 
 
 def test_seed_chain_batching_rejections_and_all_pairs_filter() -> None:
@@ -132,6 +147,8 @@ def test_seed_chain_batching_rejections_and_all_pairs_filter() -> None:
     assert [len(c["prompts"]) for c in generator.calls] == [2, 2, 2, 1, 2]
     assert stats.extra["generate_calls"] == 5
     assert all(c["temperature"] == 1.2 and c["num_return_sequences"] == 1 for c in generator.calls)
+    # the answers of the fill and concept prompts (quote opened by the partial answer) end on their line
+    assert [c["stop_at_newline"] for c in generator.calls] == [False, False, True, True, True]
     # one NLI call, all 6 tier pairs of both complete chains in both directions
     assert len(scorer.calls) == 1 and len(scorer.calls[0]) == 2 * 6 * 2
     assert stats.extra["nli_pairs_scored"] == 24

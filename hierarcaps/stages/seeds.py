@@ -4,10 +4,15 @@ Each caption is T4. Three chat prompts are applied in turn (``prompts/seed_*.txt
 paper's Fig. 7): *shorten the caption* gives T3 from T4, *fill in "A picture of (a/the) ___"*
 gives T2 from T3, *what general concept includes* gives T1 from T2. Every step runs over all
 captions still alive, in batched generate calls of ``batch_size`` prompts. The answer is the
-text inside quotation marks of the model's continuation (when the partial answer already opened
-a quotation, the text up to its closing mark); an answer without one is rejected
+text inside the first quotation of the model's continuation (when the partial answer already
+opened a quotation, the text up to its closing mark); a quotation opened with ``"`` closes with
+``"``, one opened with ``“`` with ``”``, and it must close on the line it opened (a real model
+that never closes its quote rambles on for lines). An answer without a quotation is rejected
 (``no_quoted_text``), and so is one without a standard alphanumeric character
-(``no_alphanumeric``). The completed hierarchies then pass one all-pairs entailment filter
+(``no_alphanumeric``). Answers lose trailing sentence punctuation (models write
+``"goat on island."``), and the blank-filling answer also the template's `` .``. Since the
+quotation must close on its line, a prompt whose partial answer opens it stops sampling at
+the first newline. The completed hierarchies then pass one all-pairs entailment filter
 (``hierarchy_entailment`` with every pair i < j, all hierarchies in one scorer call): T_i must
 be entailed by T_j and not entail it.
 
@@ -33,9 +38,14 @@ from hierarcaps.stats import StageStats
 NO_QUOTED_TEXT = "no_quoted_text"
 NO_ALPHANUMERIC = "no_alphanumeric"
 
-_OPEN_QUOTES = '"“'
-_CLOSE_QUOTES = '"”'
+#: Opening quotation marks and the mark that closes each (straight with straight, curly with curly).
+_CLOSING_QUOTE = {'"': '"', "“": "”"}
+_OPENING_QUOTE = re.compile('["“]')
+#: The end of an answer whose opening quote was in the partial answer (ours is straight).
+_OPEN_QUOTATION_END = re.compile(r'["”\n]')
 _ALPHANUMERIC = re.compile(r"[A-Za-z0-9]")
+#: Trailing characters that are sentence punctuation, not part of a tier.
+_TRAILING_PUNCTUATION = " .,;:"
 
 
 @dataclass
@@ -52,28 +62,28 @@ class SeedSettings:
 def extract_quoted(continuation: str, quote_open: bool) -> str | None:
     """The quoted answer in a model continuation, or ``None`` when there is none.
 
-    ``quote_open``: the partial answer ended inside an open quotation, so the answer is the
-    text up to the first closing mark. Otherwise it is the text between the first opening
-    mark and the next closing one. Straight and curly quotes both count.
+    ``quote_open``: the partial answer ended inside an open (straight) quotation, so the answer
+    is the text up to the first closing mark, ``"`` or ``”``. Otherwise it is the text of the
+    first quotation, ``"..."`` or ``“...”``. Either way the quotation must close before the
+    line ends; a first quotation mark that closes nothing (a stray closing mark) means no answer.
     """
     if quote_open:
-        start = 0
-    else:
-        opening = [continuation.find(q) for q in _OPEN_QUOTES if q in continuation]
-        if not opening:
+        end = _OPEN_QUOTATION_END.search(continuation)
+        if end is None or end.group() == "\n":
             return None
-        start = min(opening) + 1
-    closing = [continuation.find(q, start) for q in _CLOSE_QUOTES if continuation.find(q, start) != -1]
-    if not closing:
+        return normalize_text(continuation[:end.start()])
+    opening = _OPENING_QUOTE.search(continuation)
+    if opening is None:
         return None
-    return normalize_text(continuation[start:min(closing)])
+    line_end = continuation.find("\n", opening.end())
+    line = continuation[opening.end():line_end if line_end != -1 else None]
+    text, closed, _ = line.partition(_CLOSING_QUOTE[opening.group()])
+    return normalize_text(text) if closed else None
 
 
-def clean_answer(prompt: ChatPrompt, answer: str) -> str:
-    """Prompt-specific tidying: the blank-filling answer ends with the template's `` .``."""
-    if prompt.name == "seed_fill_blank":
-        answer = answer.rstrip(" .")
-    return normalize_text(answer)
+def clean_answer(answer: str) -> str:
+    """Drop trailing sentence punctuation (the blank-filling answer ends with the template's `` .``)."""
+    return normalize_text(answer.rstrip(_TRAILING_PUNCTUATION))
 
 
 def parse_answer(prompt: ChatPrompt, continuation: str) -> tuple[str | None, str | None]:
@@ -81,7 +91,7 @@ def parse_answer(prompt: ChatPrompt, continuation: str) -> tuple[str | None, str
     quoted = extract_quoted(continuation, prompt.answer_opens_quote)
     if quoted is None:
         return None, NO_QUOTED_TEXT
-    tier = clean_answer(prompt, quoted)
+    tier = clean_answer(quoted)
     if not _ALPHANUMERIC.search(tier):
         return None, NO_ALPHANUMERIC
     return tier, None
@@ -156,6 +166,7 @@ def _run_prompts(
                 num_return_sequences=1,
                 temperature=settings.temperature,
                 max_new_tokens=settings.max_new_tokens,
+                stop_at_newline=prompt.answer_opens_quote,  # the answer closes on its line
                 seed=call_seed(settings.seed, attempt, step, batch_no),
             )
             for i, (continuation,) in zip(batch, outputs):
