@@ -1,11 +1,11 @@
 """Batched text sampling around one loaded causal or seq2seq language model.
 
 :class:`TextGenerator` is the only place the build stages call ``model.generate``. Each call
-of :meth:`TextGenerator.generate` runs exactly one ``model.generate`` over all the prompts it is
-given, with ``num_return_sequences`` samples per prompt, and returns the decoded
-*continuations* (for a causal LM the prompt is cut off; for a seq2seq model the decoder output
-is the continuation). The stages decide how many prompts go into one call; the generator
-counts the calls (``generate_calls``) so benchmarks can report them.
+of :meth:`TextGenerator.generate` (or :meth:`~TextGenerator.generate_with_status`) runs exactly
+one ``model.generate`` over all the prompts it is given, with ``num_return_sequences`` samples
+per prompt, and returns the decoded *continuations* (for a causal LM the prompt is cut off; for
+a seq2seq model the decoder output is the continuation). The stages decide how many prompts go
+into one call; the generator counts the calls (``generate_calls``) so benchmarks can report them.
 
 Sampling is plain temperature sampling, as the HierarCaps paper describes ("stochastic sampling
 with temperature"): by default top-k and top-p are switched off explicitly, because
@@ -18,6 +18,11 @@ end a sampled sequence early: every vocabulary token whose text contains a stop 
 an end-of-sequence token. The returned text is always cut at the first stop string, so the
 result does not depend on how the tokenizer splits it.
 
+:meth:`TextGenerator.generate_with_status` also says, per sample, whether it *finished* (an
+end-of-sequence or stop token among its generated ids, or a stop string in its decoded text)
+or was cut off by ``max_new_tokens``. Few-shot augmentation needs this: the paper generates
+"until another newline is predicted", so a line that ran out of tokens is not a line.
+
 Decoding keeps the hierarchy delimiters ``→``/``←`` even when they were added to the
 tokenizer as special tokens: only the tokenizer's other special tokens (pad, eos, bos, ...)
 are removed before decoding.
@@ -25,6 +30,7 @@ are removed before decoding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -32,6 +38,19 @@ import torch
 from hierarcaps.hierarchy import BACKWARD, FORWARD
 
 NEWLINE = "\n"
+
+
+@dataclass
+class Generation:
+    """Continuations of one :meth:`TextGenerator.generate_with_status` call.
+
+    ``texts[p][s]`` is sample ``s`` of prompt ``p``, cut before the first stop string;
+    ``finished[p][s]`` is ``True`` when that sample ended on its own (an end-of-sequence or stop
+    token, or a stop string in its text) and ``False`` when ``max_new_tokens`` cut it off.
+    """
+
+    texts: list[list[str]]
+    finished: list[list[bool]]
 
 
 class TextGenerator:
@@ -89,8 +108,36 @@ class TextGenerator:
         Returns a list (one entry per prompt, in order) of lists of decoded continuations (in
         sample order), each cut before the first stop string.
         """
+        return self.generate_with_status(
+            prompts,
+            num_return_sequences=num_return_sequences,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            stop_at_newline=stop_at_newline,
+            stop_strings=stop_strings,
+            seed=seed,
+        ).texts
+
+    def generate_with_status(
+        self,
+        prompts: Sequence[str],
+        *,
+        num_return_sequences: int = 1,
+        temperature: float = 1.0,
+        max_new_tokens: int = 64,
+        stop_at_newline: bool = False,
+        stop_strings: Sequence[str] = (),
+        seed: int = 0,
+    ) -> Generation:
+        """Like :meth:`generate` (ONE generate call), also flagging which samples finished.
+
+        A sample finished when one of its generated token ids is an end-of-sequence id (the
+        tokenizer's, the generation config's, or a token containing a stop string) or its decoded
+        text contains a stop string (one the tokenizer splits over several tokens); otherwise
+        ``max_new_tokens`` cut it off.
+        """
         if not prompts:
-            return []
+            return Generation(texts=[], finished=[])
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         stops = [*stop_strings, *([NEWLINE] if stop_at_newline else [])]
@@ -112,11 +159,17 @@ class TextGenerator:
                 )
         self.generate_calls += 1
         self.sequences_generated += sequences.shape[0]
-        if not self.is_encoder_decoder:
-            sequences = sequences[:, inputs["input_ids"].shape[1]:]
-        texts = [cut_at_stops(t, stops) for t in self.decode(sequences)]
+        # the continuation: a causal LM echoes the prompt; a decoder output starts with its start token
+        sequences = sequences[:, 1:] if self.is_encoder_decoder else sequences[:, inputs["input_ids"].shape[1]:]
+        raw = self.decode(sequences)
+        hit_eos = torch.isin(sequences, torch.tensor(eos_ids, device=sequences.device)).any(dim=1).tolist()
+        finished = [eos or any(stop in text for stop in stops) for eos, text in zip(hit_eos, raw)]
+        texts = [cut_at_stops(t, stops) for t in raw]
         n = num_return_sequences
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return Generation(
+            texts=[texts[i * n:(i + 1) * n] for i in range(len(prompts))],
+            finished=[finished[i * n:(i + 1) * n] for i in range(len(prompts))],
+        )
 
     def decode(self, sequences: torch.Tensor) -> list[str]:
         """Decode token ids (N, L) dropping special tokens other than ``keep_tokens``."""

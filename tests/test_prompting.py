@@ -122,6 +122,59 @@ def test_newline_stop_cuts_every_sample(causal) -> None:
     assert all("\n" not in text for batch in samples for text in batch)
 
 
+def test_generate_with_status_flags_stopped_and_cut_off_samples(causal) -> None:
+    """Near-greedy sampling: each prompt's one new token is the argmax of the model's next-token logits.
+
+    A stop string inside prompt A's greedy token ends A (finished); prompt B's greedy token lacks
+    it, so B runs out of ``max_new_tokens=1`` (cut off) — both in one batched generate call. Then
+    A's greedy token as an extra end-of-sequence id (generation config) finishes A by its id alone.
+    """
+    model, tokenizer = causal
+    generator = TextGenerator(model, tokenizer)
+    candidates = ["a", "dog", "a goat on the island", "boys pitching a tent", "a picture of a cat", "the"]
+    with torch.no_grad():
+        greedy = model(**generator._tokenize(candidates)).logits[:, -1].argmax(-1).tolist()
+    words = [tokenizer.decode([i]) for i in greedy]
+    a = next(i for i, w in enumerate(words) if w.strip().isalpha())  # a clean word token
+    b = next(i for i, w in enumerate(words) if words[a] not in w and greedy[i] not in generator._eos_ids([]))
+    prompts = [candidates[a], candidates[b]]
+    result = generator.generate_with_status(prompts, temperature=1e-4, max_new_tokens=1, stop_strings=[words[a]])
+    assert generator.generate_calls == 1
+    assert result.finished == [[True], [False]]
+    assert result.texts[0] == [""] and result.texts[1] == [words[b]]
+    plain = generator.generate_with_status(prompts, temperature=1e-4, max_new_tokens=1)
+    assert plain.finished == [[False], [False]]
+    assert generator.generate(prompts, temperature=1e-4, max_new_tokens=1) == plain.texts
+    # an end-of-sequence id alone (no stop string in the text) also finishes a sample
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, greedy[a]]
+    try:
+        by_id = generator.generate_with_status(prompts, temperature=1e-4, max_new_tokens=1)
+    finally:
+        model.generation_config.eos_token_id = original
+    assert by_id.finished == [[True], [False]] and by_id.texts == plain.texts
+
+
+def test_newline_stopped_samples_are_finished_and_cut_off_ones_are_not(causal) -> None:
+    """Seeded sampling with a 24-token budget: some samples predict the newline, others run out.
+
+    The same seed with a larger budget replays the same first 24 steps: a sample that finished
+    is unchanged; one that was cut off goes on (longer text or, now, a newline).
+    """
+    generator = TextGenerator(*causal)
+    kwargs = dict(num_return_sequences=8, stop_at_newline=True, seed=0)
+    short = generator.generate_with_status(["goat\n"] * 2, max_new_tokens=24, **kwargs)
+    long = generator.generate_with_status(["goat\n"] * 2, max_new_tokens=64, **kwargs)
+    flags = [f for batch in short.finished for f in batch]
+    assert any(flags) and not all(flags)
+    pairs = zip(*(sum(x, []) for x in (short.texts, short.finished, long.texts, long.finished)))
+    for text, finished, text_long, finished_long in pairs:
+        if finished:
+            assert (text_long, finished_long) == (text, True)
+        else:
+            assert (text_long, finished_long) != (text, False)
+
+
 def test_cut_at_stops_uses_the_earliest_stop() -> None:
     assert cut_at_stops("frog → toad\nmore", ["\n", "→"]) == "frog "
     assert cut_at_stops("no stop here", ["\n"]) == "no stop here"

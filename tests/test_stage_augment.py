@@ -1,8 +1,9 @@
 """Few-shot augmentation: prompt construction, filtering logic with a generator double, tiny-LM plumbing.
 
-``LineGenerator`` is a test double of the ``TextGenerator.generate`` contract that returns
-given lines (a random tiny LM almost never writes a four-tier line, so it cannot exercise
-the keep/drop logic).
+``LineGenerator`` is a test double of the ``TextGenerator.generate_with_status`` contract that
+returns given lines, each finished (it ended at its newline) unless wrapped in ``Cut`` (it ran out
+of ``max_new_tokens``). A random tiny LM almost never writes a four-tier line, so it cannot
+exercise the keep/drop logic.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 
 import pytest
 
-from hierarcaps.generation import TextGenerator
+from hierarcaps.generation import Generation, TextGenerator
 from hierarcaps.models import ModelSpec, load_causal_lm
 from hierarcaps.stages.augment import AugmentSettings, augment_hierarchies, few_shot_prompt, format_line, parse_line
 
@@ -30,6 +31,10 @@ NEW = [
 ]
 
 
+class Cut(str):
+    """A scripted line that ``max_new_tokens`` cut off before its newline."""
+
+
 class LineGenerator:
     """Test double of TextGenerator: returns the next scripted lines, records calls."""
 
@@ -40,13 +45,15 @@ class LineGenerator:
         self.calls: list[dict] = []
         self.generate_calls = 0
 
-    def generate(self, prompts, **kwargs):
+    def generate_with_status(self, prompts, **kwargs) -> Generation:
         self.calls.append({"prompts": list(prompts), **kwargs})
         self.generate_calls += 1
-        out = []
-        for _ in prompts:
-            out.append([self.lines.pop(0) if self.lines else "nonsense"])
-        return out
+        lines = [self.lines.pop(0) if self.lines else "nonsense" for _ in prompts]
+        return Generation(texts=[[str(line)] for line in lines],
+                          finished=[[not isinstance(line, Cut)] for line in lines])
+
+    def generate(self, prompts, **kwargs):
+        return self.generate_with_status(prompts, **kwargs).texts
 
 
 def test_parse_line_keeps_exactly_four_non_empty_tiers() -> None:
@@ -89,6 +96,14 @@ def test_keeps_new_four_tier_lines_and_drops_duplicates_until_target() -> None:
     assert all(c["stop_at_newline"] and c["temperature"] == 1.0 for c in generator.calls)
     assert generator.calls[0]["seed"] != generator.calls[1]["seed"]
     assert all(p.count("\n") == 10 for c in generator.calls for p in c["prompts"])
+
+
+def test_cut_off_line_is_rejected_even_with_four_tiers() -> None:
+    """Paper B.1: a line ends at the predicted newline; one cut off by max_new_tokens is not a line."""
+    generator = LineGenerator([Cut(NEW[0]), NEW[1], Cut("a => b"), NEW[0]])
+    rows, stats = augment_hierarchies(SEEDS, generator, AugmentSettings(target_count=2, batch_size=4, seed=1))
+    assert [" => ".join(r["tiers"]) for r in rows] == [NEW[1], NEW[0]]  # the same line, finished, is kept
+    assert dict(stats.rejected) == {"unfinished_line": 2} and stats.items_in == 4 and stats.kept == 2
 
 
 def test_call_budget_stops_a_model_that_writes_nothing_usable() -> None:

@@ -1,11 +1,13 @@
 """Few-shot augmentation (SPEC section 2 step 3; HierarCaps paper, supplementary B.1).
 
 The base (not instruction-tuned) LLM sees ``shots`` randomly chosen seed hierarchies, one per
-line, and writes one more line; sampling stops at the newline. Lines with exactly four
-non-empty tiers are kept, without any NLI filter (as in the paper); a line equal to a seed or
-to an earlier output is dropped as a ``duplicate``. This repeats, ``batch_size`` few-shot
-prompts per generate call (each with its own random choice of seeds), until ``target_count``
-hierarchies are kept.
+line, and writes one more line; sampling stops at the newline (the paper: "generate text until
+another newline is predicted"). A sample that ran out of ``max_new_tokens`` before its newline
+(or end of sequence) is a cut-off line and is dropped as ``unfinished_line``, whatever it looks
+like. Finished lines with exactly four non-empty tiers are kept, without any NLI filter (as in
+the paper); a line equal to a seed or to an earlier output is dropped as a ``duplicate``. This
+repeats, ``batch_size`` few-shot prompts per generate call (each with its own random choice of
+seeds), until ``target_count`` hierarchies are kept.
 
 Lines are written in the release format ``T1 => T2 => T3 => T4`` (the authors' released
 files use it): an ASCII delimiter that every LLM tokenizer handles, unlike ``→``.
@@ -27,6 +29,7 @@ from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER, Rejection, normaliz
 from hierarcaps.stages._common import call_seed
 from hierarcaps.stats import StageStats
 
+UNFINISHED_LINE = "unfinished_line"
 NOT_FOUR_TIERS = "not_four_tiers"
 DUPLICATE = "duplicate"
 
@@ -93,7 +96,7 @@ def augment_hierarchies(
     with stats.timed():
         while len(rows) < settings.target_count and calls < max_calls:
             prompts = [few_shot_prompt(seeds, rng, settings.shots) for _ in range(settings.batch_size)]
-            outputs = generator.generate(
+            outputs = generator.generate_with_status(
                 prompts,
                 num_return_sequences=1,
                 temperature=settings.temperature,
@@ -102,12 +105,12 @@ def augment_hierarchies(
                 seed=call_seed(settings.seed, calls),
             )
             calls += 1
-            for n_read, (line,) in enumerate(outputs):
+            for n_read, ((line,), (finished,)) in enumerate(zip(outputs.texts, outputs.finished)):
                 if len(rows) == settings.target_count:
-                    stats.extra["lines_after_target"] = len(outputs) - n_read
+                    stats.extra["lines_after_target"] = len(outputs.texts) - n_read
                     break
                 stats.items_in += 1
-                tiers, reason = parse_line(line)
+                tiers, reason = parse_line(line) if finished else (None, UNFINISHED_LINE)
                 if tiers is not None and tiers in seen:
                     reason = DUPLICATE
                 if reason is not None:
