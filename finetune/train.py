@@ -360,9 +360,24 @@ def _make_accelerator(settings: FinetuneSettings) -> Any:
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, settings: FinetuneSettings, total_steps: int) -> Any:
+    """The learning-rate schedule; only the learning rate moves, AdamW's betas stay as configured.
+
+    ``cycle_momentum=False``: PyTorch's one-cycle default would also cycle β1 between 0.95 and 0.85,
+    silently overriding ``optim.betas`` (RCME's recipe fixes β = (0.9, 0.98)).
+    """
     if settings.optim.scheduler == "one-cycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.optim.lr, total_steps=max(total_steps, 1))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=settings.optim.lr, total_steps=max(total_steps, 1), cycle_momentum=False,
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _schedule_record(scheduler: Any) -> dict[str, Any]:
+    """What run.json records of the schedule: its class and the settings that shape it."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return {"name": "one-cycle", "cycle_momentum": scheduler.cycle_momentum, "total_steps": scheduler.total_steps,
+                "pct_start": 0.3, "anneal_strategy": "cos", "div_factor": 25.0, "final_div_factor": 1e4}
+    return {"name": "constant"}
 
 
 def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -453,6 +468,7 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
         "device": str(accelerator.device),
         "mixed_precision": run.mixed_precision,
         "reference_seconds": round(reference_seconds, 3),
+        "schedule": _schedule_record(scheduler),
     }
     if accelerator.is_main_process:
         _write_json(output_dir / "run.json", {**record_base, "status": "running", "resumed_from_step": step})
@@ -488,11 +504,12 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
                 micro.append({k: v.detach() for k, v in terms.items()})
             if optim.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(params, optim.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = _record(accelerator, micro, step, epoch, scheduler, train_start, step - start_step)
+            record = _record(accelerator, micro, step, epoch, lr, train_start, step - start_step)
             if accelerator.is_main_process:
                 _append_log(log_path, record)
                 if bar is not None:
@@ -527,15 +544,16 @@ def _trainer_state(optimizer: Any, scheduler: Any, step: int, epoch: int) -> dic
 
 
 def _record(
-    accelerator: Any, micro: list[dict[str, torch.Tensor]], step: int, epoch: int, scheduler: Any,
+    accelerator: Any, micro: list[dict[str, torch.Tensor]], step: int, epoch: int, lr: float,
     train_start: float, steps_done: int,
 ) -> dict[str, Any]:
-    """One log record: loss terms averaged over the step's micro-batches and over processes."""
+    """One log record: loss terms averaged over the step's micro-batches and over processes, and the
+    learning rate the step's update used."""
     keys = [k for k in micro[0] if micro[0][k].ndim == 0]
     means = torch.stack([torch.stack([m[k].float() for m in micro]).mean() for k in keys])
     means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
     elapsed = time.perf_counter() - train_start
-    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
     record.update({f"loss/{k}": float(v) for k, v in zip(keys, means.tolist())})
     record["steps_per_second"] = round(steps_done / elapsed, 4) if elapsed > 0 else None
     return record

@@ -128,6 +128,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+def follow_umask(path: Path) -> Path:
+    """Give ``path``, and everything under it, the mode a plain ``mkdir``/``open`` would give it.
+
+    ``tempfile`` creates folders 0700 and files 0600 whatever the umask, and some writers
+    (safetensors through transformers' ``save_pretrained``) write 0600 files too, so an output
+    renamed into place from one stays private to its owner; under umask 022 this makes it 0755/0644.
+    Call it on the temporary path before the rename, or on a folder once it is completely written.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: put it back at once
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

@@ -37,6 +37,7 @@ from tokenizers import AddedToken
 
 from hierarcaps.hierarchy import BACKWARD, FORWARD, N_TIERS, Rejection, completer_prompt, format_chain, normalize_text
 from hierarcaps.stats import StageStats
+from hierarcaps.stagedir import follow_umask
 
 NOT_FOUR_TIERS = "not_four_tiers"
 TRAINING_LOG = "training_log.json"
@@ -220,6 +221,7 @@ def _save(model: Any, tokenizer: Any, settings: CompleterSettings, log: dict[str
         **log,
     }
     (tmp / TRAINING_LOG).write_text(json.dumps(record, indent=2))
+    follow_umask(tmp)
     if output_dir.exists():
         output_dir.rmdir()  # empty (checked before training); rename needs the name free
     os.replace(tmp, output_dir)
