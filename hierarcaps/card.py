@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from hierarcaps.stats import THROUGHPUT_COLUMNS, throughput_columns
+
 CITATION = """@inproceedings{alper2024emergent,
   title     = {Emergent Visual-Semantic Hierarchies in Image-Text Representations},
   author    = {Alper, Morris and Averbuch-Elor, Hadar},
@@ -85,7 +87,8 @@ def render_card(
         settings: the resolved settings tree (:func:`hierarcaps.settings.to_dict`).
         counts: items per split of the final dataset, e.g. ``{"train": 73000, "test": 1000}``.
         models: per role (chat_lm, base_lm, nli, completer) what was loaded (id, revision, ...).
-        stages: per stage ``{"stage", "dir", "items_in", "kept", "rejected", "seconds"}``.
+        stages: per stage ``{"stage", "dir", "items_in", "kept", "rejected", "seconds", "extra"}``
+            (:func:`hierarcaps.pipeline.stage_summaries`); throughput comes from ``extra``.
     """
     front = yaml.safe_dump(card_metadata(settings, counts), sort_keys=False, allow_unicode=True)
     parts = [f"---\n{front}---", f"# {settings['output']['pretty_name']}"]
@@ -125,6 +128,12 @@ def render_card(
         "completer distillation → positive completion (train and test captions) → negative "
         "hallucination (train) → assembly and validation.\n\n"
         + _table(["stage", "in", "kept", "rejected (reason: n)", "seconds"], stage_rows)
+    )
+    parts.append(
+        "## Throughput\n\nWork and speed per stage (seconds: time in the stage body, summed over "
+        "shards; rates are per worker).\n\n"
+        + _table(["stage", *THROUGHPUT_COLUMNS.values(), "seconds"],
+                 [[s["stage"], *throughput_columns(s).values(), s.get("seconds", "")] for s in stages])
     )
     model_rows = [
         [role, m.get("id", m.get("name_or_path", "")), m.get("revision") or "", m.get("quantization") or ""]

@@ -5,7 +5,10 @@ of :meth:`TextGenerator.generate` (or :meth:`~TextGenerator.generate_with_status
 one ``model.generate`` over all the prompts it is given, with ``num_return_sequences`` samples
 per prompt, and returns the decoded *continuations* (for a causal LM the prompt is cut off; for
 a seq2seq model the decoder output is the continuation). The stages decide how many prompts go
-into one call; the generator counts the calls (``generate_calls``) so benchmarks can report them.
+into one call; the generator counts the calls (``generate_calls``), the prompt tokens it read
+(``prompt_tokens``, padding excluded, each prompt once) and the tokens it sampled
+(``generated_tokens``, up to and including each sample's end-of-sequence token), so stages and
+benchmarks can report throughput.
 
 Sampling is plain temperature sampling, as the HierarCaps paper describes ("stochastic sampling
 with temperature"): by default top-k and top-p are switched off explicitly, because
@@ -88,6 +91,8 @@ class TextGenerator:
             tokenizer.pad_token = tokenizer.eos_token
         self.generate_calls = 0
         self.sequences_generated = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
         self._token_texts: list[str] | None = None
         self._stop_ids: dict[str, list[int]] = {}
 
@@ -162,7 +167,10 @@ class TextGenerator:
         # the continuation: a causal LM echoes the prompt; a decoder output starts with its start token
         sequences = sequences[:, 1:] if self.is_encoder_decoder else sequences[:, inputs["input_ids"].shape[1]:]
         raw = self.decode(sequences)
-        hit_eos = torch.isin(sequences, torch.tensor(eos_ids, device=sequences.device)).any(dim=1).tolist()
+        is_eos = torch.isin(sequences, torch.tensor(eos_ids, device=sequences.device))
+        hit_eos = is_eos.any(dim=1).tolist()
+        self.prompt_tokens += int(inputs["attention_mask"].sum())
+        self.generated_tokens += int((is_eos.int().cumsum(dim=1) - is_eos.int() == 0).sum())  # up to the first eos
         finished = [eos or any(stop in text for stop in stops) for eos, text in zip(hit_eos, raw)]
         texts = [cut_at_stops(t, stops) for t in raw]
         n = num_return_sequences

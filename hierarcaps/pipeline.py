@@ -51,7 +51,7 @@ from hierarcaps.stagedir import (
     write_json_atomic,
     write_rows,
 )
-from hierarcaps.stats import StageStats
+from hierarcaps.stats import StageStats, merge_all
 
 if TYPE_CHECKING:
     from hierarcaps.settings import BuildSettings
@@ -245,13 +245,14 @@ class Pipeline:
         if missing:
             raise BuildError(f"stage {name}: shards {missing[:10]} are not finished; rerun the build")
         rows: list[dict[str, Any]] = []
-        stats = StageStats(stage=name)
+        shard_stats: list[StageStats] = []
         loaded: dict[str, Any] = {}
         for i in range(n):
             record = stage_dir.shard(i).record()
             rows += read_rows(stage_dir.shard(i).path / "rows.parquet")
-            stats = stats.merge(StageStats.from_dict(record["stats"]))
+            shard_stats.append(StageStats.from_dict(record["stats"]))
             loaded.update(record.get("loaded_models", {}))
+        stats = merge_all(name, shard_stats)
         if name == "augment":
             rows = _drop_cross_shard_duplicates(rows, stats)
         stats.kept = len(rows)
@@ -355,7 +356,7 @@ class Pipeline:
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
             scorer = NLIScorer.from_spec(spec, template=settings.nli.template, batch_size=spec.batch_size,
-                                         cache_path=cache)
+                                         max_batch_tokens=settings.nli.max_batch_tokens, cache_path=cache)
             return LengthRuleScorer(scorer) if settings.nli.decision == "length_rule" else scorer
 
         return _MODELS.get(("nli", spec, settings.nli.template, settings.nli.decision), load)
@@ -535,14 +536,16 @@ WHOLE_RUNNERS: dict[str, Callable[[Pipeline, Path], list[StageStats]]] = {
 
 
 def stage_summaries(pipe: Pipeline) -> list[dict[str, Any]]:
-    """Per finished stage (and caption split): dir, items in, kept, rejected per reason, seconds."""
+    """Per finished stage (and caption split): dir, items in, kept, rejected per reason, seconds,
+    ``extra`` counts and ``throughput`` (tokens/s, pairs/s; recomputed, so older records get it too)."""
     rows = []
     for name in ORDER:
         if name == FINAL or not pipe.dirs[name].is_done():
             continue
         record = pipe.dirs[name].record()
         for stats in record["stats"]:
-            rows.append({**stats, "stage": stats.get("stage", name), "dir": record["lineage"]["dir"],
+            stats = {**stats, "stage": stats.get("stage", name)}
+            rows.append({**StageStats.from_dict(stats).to_dict(), "dir": record["lineage"]["dir"],
                          "wall_seconds": record.get("seconds")})
     return rows
 

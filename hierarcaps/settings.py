@@ -95,11 +95,15 @@ class NLISettings:
     the model still scores every pair (plumbing), but "a entails b" is replaced by "a is longer
     than b" and every pair counts as contradicting, so data flows. Output built so is marked
     as a plumbing check, not usable data.
+
+    ``max_batch_tokens`` bounds each NLI forward pass by padded tokens (pairs x longest pair);
+    ``models.nli.batch_size`` bounds its pairs. 0 turns the token budget off.
     """
 
     template: str = 'a picture of: "{}"'
     cache: bool = True
     decision: str = "model"  # model | length_rule
+    max_batch_tokens: int = 16384
 
 
 @dataclass
@@ -327,6 +331,8 @@ def validate_settings(settings: BuildSettings) -> None:
             "nli.decision='length_rule' replaces the NLI model's decisions and makes unusable data; "
             "it is allowed only with plumbing_check=true (the smoke profile)"
         )
+    if settings.nli.max_batch_tokens < 0:
+        raise SettingsError(f"nli.max_batch_tokens must be >= 0 (0: no token budget), got {settings.nli.max_batch_tokens}")
     if settings.sharding.shard_size < 1 or settings.sharding.concurrency < 1:
         raise SettingsError("sharding.shard_size and sharding.concurrency must be at least 1")
     for name in ("seed_captions", "train_captions", "test_captions"):

@@ -32,7 +32,7 @@ from hierarcaps.generation import TextGenerator
 from hierarcaps.hierarchy import Rejection, normalize_text
 from hierarcaps.nli import hierarchy_entailment
 from hierarcaps.prompting import SEED_PROMPTS, ChatPrompt, load_prompt, render_prompts
-from hierarcaps.stages._common import call_seed, chunks, dump, model_id, nli_pairs_counter, rounded
+from hierarcaps.stages._common import call_seed, chunks, dump, model_id, record_work, rounded, work_counters
 from hierarcaps.stats import StageStats
 
 NO_QUOTED_TEXT = "no_quoted_text"
@@ -106,12 +106,12 @@ def generate_seeds(
     """Build seed hierarchies from captions (T4) with the three chat prompts and the NLI filter.
 
     Returns rows ``{"tiers": [T1, T2, T3, T4], "caption": T4, "provenance": json}`` in caption
-    order, and the stage stats (``extra``: ``generate_calls``, ``nli_pairs_scored``,
+    order, and the stage stats (``extra``: the throughput counters of :mod:`hierarcaps.stats`,
     ``rejected_attempts``).
     """
     stats = StageStats(stage="seeds", items_in=len(captions))
     prompts = [load_prompt(name) for name in SEED_PROMPTS]
-    calls0, pairs0 = generator.generate_calls, nli_pairs_counter(scorer)
+    before = work_counters(generator, scorer)
     accepted: dict[int, dict[str, Any]] = {}
     last_reason: dict[int, str] = {}
     with stats.timed():
@@ -135,8 +135,7 @@ def generate_seeds(
         stats.reject(reason)
     rows = [accepted[i] for i in sorted(accepted)]
     stats.kept = len(rows)
-    stats.extra["generate_calls"] = generator.generate_calls - calls0
-    stats.extra["nli_pairs_scored"] = nli_pairs_counter(scorer) - pairs0
+    record_work(stats, before, generator, scorer)
     return rows, stats
 
 
