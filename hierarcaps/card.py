@@ -2,8 +2,9 @@
 
 The card is what a reader of the Hub page sees first, so it says: what the data is, its
 license, task categories, source datasets and sizes (YAML metadata the Hub indexes), how it was
-built (the stages and their counts), which models (with revisions) and settings were used, and
-how to cite the HierarCaps paper. A build made with the smoke profile says at the top, in bold,
+built (the stages and their counts), which models (with revisions), sampling settings (library,
+temperature, top-k, top-p per generating stage) and settings were used, and how to cite the
+HierarCaps paper. A build made with the smoke profile says at the top, in bold,
 that it is a plumbing check and not usable data.
 """
 
@@ -80,6 +81,7 @@ def render_card(
     counts: Mapping[str, int],
     models: Mapping[str, Mapping[str, Any]],
     stages: Sequence[Mapping[str, Any]],
+    sampling: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The full ``README.md`` text.
 
@@ -89,6 +91,7 @@ def render_card(
         models: per role (chat_lm, base_lm, nli, completer) what was loaded (id, revision, ...).
         stages: per stage ``{"stage", "dir", "items_in", "kept", "rejected", "seconds", "extra"}``
             (:func:`hierarcaps.pipeline.stage_summaries`); throughput comes from ``extra``.
+        sampling: per generating stage ``{"role", "backend", "temperature", "top_k", "top_p"}``.
     """
     front = yaml.safe_dump(card_metadata(settings, counts), sort_keys=False, allow_unicode=True)
     parts = [f"---\n{front}---", f"# {settings['output']['pretty_name']}"]
@@ -140,6 +143,8 @@ def render_card(
         for role, m in models.items()
     ]
     parts.append("## Models\n\n" + _table(["role", "model", "revision", "quantization"], model_rows))
+    if sampling:
+        parts.append(sampling_section(sampling))
     parts.append(
         "## Settings\n\nThe resolved settings of the build (also in `manifest.json`):\n\n```json\n"
         + json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False)
@@ -152,6 +157,22 @@ def render_card(
     )
     parts.append(f"## Citation\n\n```bibtex\n{CITATION}\n```")
     return "\n\n".join(parts) + "\n"
+
+
+def sampling_section(sampling: Mapping[str, Mapping[str, Any]]) -> str:
+    """The card's table of how each generating stage sampled (``none``: that filter was off)."""
+    rows = [
+        [stage, s["role"], s["backend"], s["temperature"], _or_none(s.get("top_k")), _or_none(s.get("top_p"))]
+        for stage, s in sampling.items()
+    ]
+    plain = all(s.get("top_k") is None and s.get("top_p") is None for s in sampling.values())
+    note = ("Every stage used plain temperature sampling, as the paper describes." if plain else
+            "Stages with a top-k or top-p filter differ from the paper's plain temperature sampling.")
+    return "## Sampling\n\n" + _table(["stage", "model", "library", "temperature", "top_k", "top_p"], rows) + f"\n\n{note}"
+
+
+def _or_none(value: Any) -> str:
+    return "none" if value is None else str(value)
 
 
 def _rejections(rejected: Mapping[str, int]) -> str:

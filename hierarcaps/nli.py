@@ -204,10 +204,11 @@ class NLIScorer:
     def from_spec(cls, spec: ModelSpec, **kwargs: Any) -> "NLIScorer":
         """Load the model of ``spec`` (:func:`hierarcaps.models.load_nli`) and wrap it.
 
-        ``batch_size`` defaults to ``spec.batch_size``; other keyword arguments as in the class.
+        ``batch_size`` defaults to ``spec.batch_size`` (when set); other keyword arguments as in the class.
         """
         model, tokenizer = load_nli(spec)
-        kwargs.setdefault("batch_size", spec.batch_size)
+        if spec.batch_size is not None:
+            kwargs.setdefault("batch_size", spec.batch_size)
         return cls(model, tokenizer, **kwargs)
 
     def score(self, pairs: Sequence[Pair]) -> NLIScores:

@@ -39,6 +39,10 @@ from hierarcaps.stages.seeds import SeedSettings
 from hierarcaps.stagedir import to_jsonable
 
 PROFILES = ("paper", "smoke")
+BACKENDS = ("hf", "vllm")
+#: Stages that sample text (each has ``temperature``, ``top_k``, ``top_p``), and the model role
+#: each samples from.
+GENERATING_STAGES = {"seeds": "chat_lm", "augment": "base_lm", "complete": "completer", "negatives": "completer"}
 TINY_PREFIX = "tiny:"
 
 T = TypeVar("T")
@@ -84,6 +88,21 @@ class ModelSettings:
     base_lm: ModelSpec = field(default_factory=lambda: ModelSpec("meta-llama/Llama-2-13b-hf", quantization="4bit"))
     nli: ModelSpec = field(default_factory=lambda: ModelSpec("facebook/bart-large-mnli", batch_size=64))
     completer: ModelSpec = field(default_factory=lambda: ModelSpec("google/flan-t5-base"))
+
+
+@dataclass
+class GenerationSettings:
+    """Which library samples text for the generating roles (see ``docs/models.md``).
+
+    ``backend``: ``hf`` (transformers ``generate``) or ``vllm`` (vLLM's offline engine with prefix
+    caching; ``pip install "hierarcaps[vllm]"``, CUDA GPU) for the chat LM, the base LM and the
+    completer. vLLM has no encoder-decoder (T5) support, so ``completer_backend`` (``None``: as
+    ``backend`` for a decoder-only completer, ``hf`` for a T5 one) set to ``vllm`` with a T5
+    completer is an error.
+    """
+
+    backend: str = "hf"  # hf | vllm
+    completer_backend: str | None = None  # hf | vllm | none (as backend; hf for a T5 completer)
 
 
 @dataclass
@@ -133,6 +152,7 @@ class BuildSettings:
     plumbing_check: bool = False
     captions: CaptionSettings = field(default_factory=CaptionSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     nli: NLISettings = field(default_factory=NLISettings)
     seeds: SeedSettings = field(default_factory=SeedSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -333,6 +353,20 @@ def validate_settings(settings: BuildSettings) -> None:
         )
     if settings.nli.max_batch_tokens < 0:
         raise SettingsError(f"nli.max_batch_tokens must be >= 0 (0: no token budget), got {settings.nli.max_batch_tokens}")
+    for key, value in (("generation.backend", settings.generation.backend),
+                       ("generation.completer_backend", settings.generation.completer_backend or "hf")):
+        if value not in BACKENDS:
+            raise SettingsError(f"{key} must be one of {', '.join(BACKENDS)}, got {value!r}")
+    if settings.models.nli.batch_size is None:
+        raise SettingsError("models.nli.batch_size cannot be none: it is the number of pairs per NLI forward pass")
+    for stage in GENERATING_STAGES:
+        sampling = getattr(settings, stage)
+        if sampling.top_k is not None and sampling.top_k < 1:
+            raise SettingsError(f"{stage}.top_k must be at least 1, or none for no top-k filter; got {sampling.top_k}")
+        if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
+            raise SettingsError(f"{stage}.top_p must be in (0, 1], or none for no nucleus filter; got {sampling.top_p}")
+        if not sampling.temperature > 0:
+            raise SettingsError(f"{stage}.temperature must be > 0; got {sampling.temperature}")
     if settings.sharding.shard_size < 1 or settings.sharding.concurrency < 1:
         raise SettingsError("sharding.shard_size and sharding.concurrency must be at least 1")
     for name in ("seed_captions", "train_captions", "test_captions"):

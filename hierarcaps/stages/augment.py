@@ -39,11 +39,17 @@ CALL_BUDGET_FACTOR = 10
 
 @dataclass
 class AugmentSettings:
-    """Settings of few-shot augmentation (paper: Llama-2-13b, temperature 1.0, ~10K outputs)."""
+    """Settings of few-shot augmentation (paper: Llama-2-13b, temperature 1.0, ~10K outputs).
+
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
+    """
 
     target_count: int = 10000
     shots: int = 10
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 96
     batch_size: int = 16
     seed: int = 0
@@ -101,6 +107,8 @@ def augment_hierarchies(
                 prompts,
                 num_return_sequences=1,
                 temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
                 max_new_tokens=settings.max_new_tokens,
                 stop_at_newline=True,
                 seed=call_seed(settings.seed, calls),

@@ -44,10 +44,14 @@ class CompleteSettings:
 
     ``batch_size`` is the number of captions per generate call; ``nli_wave`` the number of
     structurally valid candidates per caption sent to the NLI model at a time.
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
     """
 
     num_candidates: int = 64
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 96
     batch_size: int = 8
     seed: int = 0
@@ -140,6 +144,8 @@ def complete_positives(
                 [completer_prompt([c], BACKWARD) for c in captions],
                 num_return_sequences=settings.num_candidates,
                 temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
                 max_new_tokens=settings.max_new_tokens,
                 seed=seed,
             )

@@ -34,10 +34,16 @@ INCOMPLETE_NEGATIVE_CHAIN = "incomplete_negative_chain"
 
 @dataclass
 class NegativeSettings:
-    """Settings of negative hallucination (paper: 8 rounds, temperature 1.0)."""
+    """Settings of negative hallucination (paper: 8 rounds, temperature 1.0).
+
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
+    """
 
     rounds: int = 8
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 48
     batch_size: int = 8
     seed: int = 0
@@ -152,6 +158,8 @@ def _hallucinate_batch(
             [prompts[item][i] for item, i in missing],
             num_return_sequences=1,
             temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
             max_new_tokens=settings.max_new_tokens,
             stop_strings=[FORWARD],
             seed=call_seed(settings.seed, batch_no, round_no),

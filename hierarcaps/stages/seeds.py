@@ -50,9 +50,15 @@ _TRAILING_PUNCTUATION = " .,;:"
 
 @dataclass
 class SeedSettings:
-    """Settings of seed generation (paper: Llama-2-13b-chat, temperature 1.2, one attempt)."""
+    """Settings of seed generation (paper: Llama-2-13b-chat, temperature 1.2, one attempt).
+
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
+    """
 
     temperature: float = 1.2
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 64
     attempts: int = 1
     batch_size: int = 16
@@ -164,6 +170,8 @@ def _run_prompts(
                 inputs,
                 num_return_sequences=1,
                 temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
                 max_new_tokens=settings.max_new_tokens,
                 stop_at_newline=prompt.answer_opens_quote,  # the answer closes on its line
                 seed=call_seed(settings.seed, attempt, step, batch_no),
