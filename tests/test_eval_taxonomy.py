@@ -106,11 +106,11 @@ def test_top_down_only_children_compete():
 
 def test_labels_styles(tmp_path):
     table, _ = _write(tmp_path)
-    tax = read_taxonomy_table(table).taxonomy
-    assert tax.labels("taxonomic")[-1][0] == "Animalia Chordata Aves Passeriformes Corvidae Corvus corax"
-    assert tax.labels("name")[-1][0] == "Corvus corax" and tax.labels("name")[2] == ["Aves", "Bivalvia"]
+    assert read_taxonomy_table(table).label_texts[-1][0] == "Animalia Chordata Aves Passeriformes Corvidae Corvus corax"
+    name = read_taxonomy_table(table, style="name").label_texts
+    assert name[-1][0] == "Corvus corax" and name[2] == ["Aves", "Bivalvia"]
     with pytest.raises(ValueError, match="label style"):
-        tax.labels("latin")
+        read_taxonomy_table(table, style="latin")
 
 
 def test_table_errors_name_file_and_line(tmp_path):
@@ -135,5 +135,5 @@ def test_real_rare_species_table_parses():
     assert len(tab.taxonomy.paths[-1]) == df["class"].nunique() == 400
     assert tab.row_taxa.shape == (len(df), 7) and len(tab.image_files) == len(df)
     # the scientific name column agrees with the binomial labels
-    names = tab.taxonomy.labels("name")[-1]
+    names = read_taxonomy_table(TAXONOMY, style="name").label_texts[-1]
     assert [names[k] for k in tab.row_taxa[:, -1]] == df["class"].tolist()

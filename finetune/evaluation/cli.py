@@ -8,7 +8,7 @@ Subcommands (each writes a JSON file, or a report folder, atomically):
 * ``wordnet``    WordNet hypernymy ordering (depth tau, hypernym-closer fraction, exterior-angle gap);
 * ``retention``  text-to-image R@1/5/10 on the HierarCaps test images;
 * ``zeroshot``   zero-shot classification from a label list and a labelled image folder;
-* ``taxonomy``   taxonomy metrics from a Rare-Species-layout table and its images;
+* ``taxonomy``   taxonomy metrics from a taxonomy table (the one training reads) and its images;
 * ``suite``      everything configured, for one checkpoint (as the fine-tuning flow does);
 * ``compare``    markdown table comparing metrics JSONs.
 
@@ -101,9 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("taxonomy", help="taxonomy ordering, per-rank, top-down and nLCA metrics")
     _model_args(p)
-    p.add_argument("--table", required=True, help="CSV: kingdom,phylum,cls,order,family,genus,species,filepath")
-    p.add_argument("--images", required=True, help="folder the table's filepath column is relative to")
-    p.add_argument("--style", choices=("taxonomic", "name"), default="taxonomic", help="label text per taxon")
+    p.add_argument("--table", required=True,
+                   help="CSV or Parquet: a column per rank (default kingdom,phylum,cls,order,family,genus,species), filepath")
+    p.add_argument("--images", required=True, help="folder the table's image column is relative to")
+    p.add_argument("--ranks", default="kingdom,phylum,class,order,family,genus,species",
+                   help="rank columns, general to specific, comma-separated ('class' also matches 'cls')")
+    p.add_argument("--image-column", default="filepath", help="column of image paths relative to --images")
+    p.add_argument("--common-name-column", default="common_name", help="column of common names (style taxonomic+common)")
+    p.add_argument("--style", choices=("taxonomic", "name", "taxonomic+common"), default="taxonomic",
+                   help="label text per taxon")
     p.add_argument("--template", default="{}", help="wrap each label, e.g. 'a photo of {}.'")
     p.add_argument("--root-text", default="", help="text whose embedding is the root ('' or 'Eukarya')")
     p.add_argument("--draft-size", type=int, default=None)
@@ -200,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         from finetune.evaluation.taxonomy import evaluate_taxonomy
 
         metrics = evaluate_taxonomy(encoder, args.table, args.images, args.style, args.template, args.root_text,
-                                    args.model, args.draft_size)
+                                    args.model, args.draft_size, [r.strip() for r in args.ranks.split(",") if r.strip()],
+                                    args.image_column, args.common_name_column)
     else:  # suite
         from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
 
