@@ -258,21 +258,29 @@ def sample_hard_negatives(tree: TaxonomyTree, taxa: np.ndarray, seed: int) -> np
 
     ``taxa``: (N, L) row taxa (-1 missing). Returns (N, L) negative taxon indices, -1 where the row
     lacks the rank or its taxon has no sibling. A sibling is another child of the same parent
-    (another top-rank taxon at rank 0); one is drawn uniformly with ``default_rng(seed)``.
+    (another top-rank taxon at rank 0); one is drawn uniformly per row and rank with
+    ``default_rng(seed)`` (one uniform number per row, rank after rank).
     """
     rng = np.random.default_rng(seed)
-    groups = [tree.children(j) for j in range(len(tree.ranks))]
     out = np.full_like(taxa, MISSING)
-    for i, row in enumerate(taxa.tolist()):
-        for j, k in enumerate(row):
-            if k == MISSING:
-                continue
-            p = int(tree.parent[j][k]) if j > 0 else MISSING
+    for j in range(len(tree.ranks)):
+        n_taxa = len(tree.names[j])
+        siblings = [[] for _ in range(n_taxa)]
+        for p, group in tree.children(j).items():
             if j > 0 and p == MISSING:
                 continue  # unknown parent: no negative provably shares the ranks above
-            siblings = [s for s in groups[j][p] if s != k]
-            if siblings:
-                out[i, j] = siblings[int(rng.integers(len(siblings)))]
+            for k in group:
+                siblings[k] = [s for s in group if s != k]
+        count = np.array([len(x) for x in siblings], dtype=np.int64)
+        table = np.full((n_taxa, max(1, int(count.max(initial=0)))), MISSING, dtype=np.int64)
+        for k, sib in enumerate(siblings):
+            table[k, : len(sib)] = sib
+        draw = rng.random(len(taxa))
+        rows = np.nonzero(taxa[:, j] != MISSING)[0]
+        k = taxa[rows, j]
+        has = count[k] > 0
+        rows, k = rows[has], k[has]
+        out[rows, j] = table[k, (draw[rows] * count[k]).astype(np.int64)]
     return out
 
 
