@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.evaluation.taxonomy import RANKS, evaluate_taxonomy, read_taxonomy_table, top_down_predictions
+from finetune.evaluation.taxonomy import (
+    RANKS,
+    evaluate_taxonomy,
+    image_to_image_r1,
+    read_taxonomy_table,
+    top_down_predictions,
+)
 
 TAXONOMY = Path(__file__).resolve().parents[2] / "shared" / "data" / "taxonomy" / "rare_species_metadata.csv"
 
@@ -102,6 +108,15 @@ def test_top_down_only_children_compete():
     sims = [torch.tensor([[0.9, 0.1]]), torch.tensor([[0.1, 0.2, 0.99]])]
     # child 2 is the best overall but belongs to the unpredicted parent 1
     assert top_down_predictions(sims, parent).tolist() == [[0, 1]]
+
+
+def test_image_to_image_r1_hand_case():
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.2]]), dim=-1)
+    taxa = np.array([[0, 0], [0, 1], [1, 2], [1, 3]])
+    # nearest other image: 0 -> 1, 1 -> 0, 2 -> 3, 3 -> 1 (never itself)
+    assert image_to_image_r1(emb, taxa, ("class", "species")) == {"class": 0.75, "species": 0.0}
+    with pytest.raises(ValueError, match="at least two images"):
+        image_to_image_r1(emb[:1], taxa[:1], ("class", "species"))
 
 
 def test_labels_styles(tmp_path):
