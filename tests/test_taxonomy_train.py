@@ -96,6 +96,15 @@ def test_hierarcaps_eval_taxonomy_reads_the_same_table(tiny_open_clip_dir, taxon
     assert sum(m["first_misclassification"].values()) == m["n_images"] == 6
     assert 0 <= m["nlca_top_down"] <= 1 and -1 <= m["ordering_tau"] <= 1
     assert m["n_taxa"] == {"kingdom": 2, "phylum": 3, "class": 4, "genus": 5, "species": 6}
+    # The suite (what the flow runs) passes the same layout and text settings through.
+    code = eval_main([
+        "suite", "--backend", "open-clip", "--model", str(tiny_open_clip_dir), "--taxonomy-table", str(taxonomy_dir / "test.csv"),
+        "--taxonomy-images", str(taxonomy_dir / "images"), "--taxonomy-ranks", ",".join(RANKS),
+        "--taxonomy-root-text", "Eukarya", "--output-dir", str(tmp_path / "suite"),
+    ])
+    suite = json.loads((tmp_path / "suite" / "metrics.json").read_text())["taxonomy"]
+    assert code == 0 and suite["ranks"] == RANKS and suite["root_text"] == "Eukarya"
+    assert suite["image_to_image_r1"] == m["image_to_image_r1"]  # images, not texts: same as above
     # The training table has a row without a species: evaluation names it and refuses.
     code = eval_main([
         "taxonomy", "--backend", "open-clip", "--model", str(tiny_open_clip_dir), "--table", str(taxonomy_dir / "train.csv"),

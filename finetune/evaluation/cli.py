@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot-images", default="")
     p.add_argument("--taxonomy-table", default="")
     p.add_argument("--taxonomy-images", default="")
+    p.add_argument("--taxonomy-ranks", default="kingdom,phylum,class,order,family,genus,species",
+                   help="the taxonomy table's rank columns, general to specific")
+    p.add_argument("--taxonomy-style", choices=("taxonomic", "name", "taxonomic+common"), default="taxonomic")
+    p.add_argument("--taxonomy-template", default="{}", help="wrap each taxon label, e.g. 'a photo of {}.'")
+    p.add_argument("--taxonomy-root-text", default="", help="the taxonomy root's text ('' or 'Eukarya')")
     p.add_argument("--wordnet-dir", default="", help="a WordNet 3.0 dict folder, e.g. /usr/share/wordnet")
     p.add_argument("--variant", choices=("released", "paper"), default="released")
     p.add_argument("--draft-size", type=int, default=None)
@@ -145,6 +150,11 @@ def _labelled(spec: str) -> tuple[str, str]:
     """``LABEL=MODEL`` or ``MODEL`` (labelled by itself)."""
     label, sep, model = spec.partition("=")
     return (label, model) if sep and label and not Path(spec).exists() else (spec, spec)
+
+
+def _ranks(text: str) -> list[str]:
+    """Rank names from a comma-separated list."""
+    return [r.strip() for r in text.split(",") if r.strip()]
 
 
 def _finish(obj: dict[str, Any], output: str) -> int:
@@ -206,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         from finetune.evaluation.taxonomy import evaluate_taxonomy
 
         metrics = evaluate_taxonomy(encoder, args.table, args.images, args.style, args.template, args.root_text,
-                                    args.model, args.draft_size, [r.strip() for r in args.ranks.split(",") if r.strip()],
+                                    args.model, args.draft_size, _ranks(args.ranks),
                                     args.image_column, args.common_name_column)
     else:  # suite
         from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
@@ -214,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
         settings = SuiteSettings(args.test_csv, args.images, args.variant, hyperlex=args.hyperlex,
                                  zeroshot_labels=args.zeroshot_labels, zeroshot_images=args.zeroshot_images,
                                  taxonomy_table=args.taxonomy_table, taxonomy_images=args.taxonomy_images,
+                                 taxonomy_ranks=tuple(_ranks(args.taxonomy_ranks)),
+                                 taxonomy_style=args.taxonomy_style, taxonomy_template=args.taxonomy_template,
+                                 taxonomy_root_text=args.taxonomy_root_text,
                                  wordnet_dir=args.wordnet_dir, draft_size=args.draft_size)
         result = evaluate_checkpoint(encoder, args.output_dir, settings, args.model)
         print(f"metrics written to {Path(args.output_dir) / 'metrics.json'} ({result['seconds']} s)")
