@@ -36,7 +36,7 @@ class TrainDataError(ValueError):
 
 @dataclass
 class TrainData:
-    """Train items as parallel lists; ``texts[index[j, k]]`` is text k (P1..P4, N1..N4) of item j."""
+    """Train items as parallel lists; ``texts[index[j, k]]`` is text k (P1..PL, N1..NL) of item j."""
 
     ids: list[str]
     positive: list[list[str]]  # (N, 4)
@@ -46,6 +46,9 @@ class TrainData:
     texts: list[str] = field(default_factory=list)  # unique texts, first-seen order
     index: np.ndarray = field(default_factory=lambda: np.zeros((0, TEXTS_PER_ITEM), dtype=np.int64))  # (N, 8)
     excluded: int = 0  # items left out because their image is in an excluded (test) source
+    levels: int = N_TIERS  # chain length L: 4 tiers, or the ranks of a taxonomy (finetune.taxonomy_data)
+    mask: np.ndarray | None = None  # (N, 2L) bool: which of P1..PL, N1..NL exist; None = all
+    root_text: str = ""  # the root's text: "" (HierarCaps) or taxonomy.root_text ("Eukarya")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,9 +117,10 @@ def excluded_names(sources: Sequence[str]) -> set[str]:
 
 
 def index_texts(positive: list[list[str]], negative: list[list[str]]) -> tuple[list[str], np.ndarray]:
-    """Unique texts (first-seen order) and the (N, 8) index of every item's P1..P4, N1..N4 in them."""
+    """Unique texts (first-seen order) and the (N, 2L) index of every item's P1..PL, N1..NL in them."""
     lookup: dict[str, int] = {}
-    index = np.empty((len(positive), TEXTS_PER_ITEM), dtype=np.int64)
+    width = len(positive[0]) + len(negative[0]) if positive else TEXTS_PER_ITEM
+    index = np.empty((len(positive), width), dtype=np.int64)
     for j, (pos, neg) in enumerate(zip(positive, negative)):
         for k, text in enumerate([*pos, *neg]):
             index[j, k] = lookup.setdefault(text, len(lookup))
