@@ -33,7 +33,7 @@ CPU = dict(device="cpu", dtype="float32")
 def _reassemble(source: str, target: str) -> tuple[int, str, list[str]]:
     """(k, delimiter, tiers general -> specific) recovered from one pair."""
     delimiter = BACKWARD if BACKWARD in source + target else FORWARD
-    lead, rest = split_chain(source, delimiter), split_chain(target, delimiter)
+    lead, rest = split_chain(source.removesuffix(delimiter), delimiter), split_chain(target, delimiter)
     tiers = lead + rest
     return len(lead), delimiter, tiers[::-1] if delimiter == BACKWARD else tiers
 
