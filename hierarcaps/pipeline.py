@@ -91,7 +91,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("captions", 1, (), ("captions",), ()),
         StageSpec("seeds", 2, ("captions",), ("seeds", "nli"), ("chat_lm", "nli"), sharded=True),
         StageSpec("augment", 1, ("seeds",), ("augment",), ("base_lm",), sharded=True),
-        StageSpec("completer", 1, ("augment",), ("completer",), ("completer",)),
+        StageSpec("completer", 2, ("augment",), ("completer",), ("completer",)),
         StageSpec("complete_train", 2, ("captions", "completer"), ("complete", "nli"), ("nli",), sharded=True),
         StageSpec("complete_test", 2, ("captions", "completer"), ("complete", "nli"), ("nli",), sharded=True),
         StageSpec("negatives", 1, ("complete_train", "completer"), ("negatives", "nli"), ("nli",), sharded=True),
