@@ -21,9 +21,7 @@ from typing import Any, Sequence
 from prefect import flow, get_run_logger, task
 
 from finetune.config import FinetuneSettings, SettingsError
-from hierarcaps.pipeline import FINAL
 from hierarcaps.settings import apply_override
-from hierarcaps.stagedir import SUCCESS
 
 
 @task(name="evaluate")
@@ -75,18 +73,14 @@ def build_dataset_dir(build_output_dir: Path) -> Path:
     """The ``DatasetDict`` folder of a finished build: ``OUT/final/dataset`` (``OUT`` = ``--output-dir``).
 
     The build's ``final`` folder is accepted as well. A build without the ``_SUCCESS`` marker of
-    its final stage is unfinished (or failed) and is refused.
+    its final stage is unfinished (or failed) and is refused (:func:`finetune.data.build_dataset_dir`).
     """
-    for final in (build_output_dir / FINAL, build_output_dir):
-        if (final / "dataset").is_dir():
-            if not (final / SUCCESS).is_file():
-                raise SettingsError(
-                    f"{final}: the build is unfinished (no {SUCCESS}); rerun the same build-hierarcaps command first"
-                )
-            return final / "dataset"
-    raise SettingsError(
-        f"{build_output_dir}: no {FINAL}/dataset folder; give the --output-dir of a finished build-hierarcaps run"
-    )
+    from finetune.data import TrainDataError, build_dataset_dir as find_dataset
+
+    try:
+        return find_dataset(build_output_dir)
+    except TrainDataError as err:
+        raise SettingsError(str(err)) from None
 
 
 def _with_dataset(build_output_dir: Path, settings: FinetuneSettings) -> FinetuneSettings:
@@ -112,6 +106,11 @@ def finetune_flow(
         settings = apply_override(settings, text)
     if build_output_dir is not None:
         settings = _with_dataset(Path(build_output_dir), settings)
+    from finetune.data import plumbing_check_warning
+
+    warning = plumbing_check_warning(settings.data.source)
+    if warning:
+        logger.warning(warning)
     eval_dir = Path(settings.run.output_dir) / "eval"
     e = settings.eval
     evaluate = bool((e.test_source and e.images_dir) or e.hyperlex or e.wordnet_dir or (e.taxonomy_table and e.taxonomy_images))

@@ -44,6 +44,7 @@ import torch
 
 from hierarcaps.stagedir import (
     StageDir,
+    count_rows,
     fingerprint,
     read_rows,
     stage_dir_name,
@@ -88,12 +89,12 @@ STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
         StageSpec("captions", 1, (), ("captions",), ()),
-        StageSpec("seeds", 1, ("captions",), ("seeds", "nli", "generation"), ("chat_lm", "nli"), sharded=True),
+        StageSpec("seeds", 2, ("captions",), ("seeds", "nli", "generation"), ("chat_lm", "nli"), sharded=True),
         StageSpec("augment", 1, ("seeds",), ("augment", "generation"), ("base_lm",), sharded=True),
-        StageSpec("completer", 1, ("augment",), ("completer",), ("completer",)),
-        StageSpec("complete_train", 1, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
+        StageSpec("completer", 2, ("augment",), ("completer",), ("completer",)),
+        StageSpec("complete_train", 2, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
                   sharded=True),
-        StageSpec("complete_test", 1, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
+        StageSpec("complete_test", 2, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
                   sharded=True),
         StageSpec("negatives", 1, ("complete_train", "completer"), ("negatives", "nli", "generation"), ("nli",),
                   sharded=True),
@@ -211,17 +212,18 @@ class Pipeline:
         size = self.settings.sharding.shard_size
         if name == "augment":
             return math.ceil(self.settings.augment.target_count / size)
-        return math.ceil(len(self._shard_input(name)) / size)
+        return math.ceil(count_rows(self._shard_input(name)) / size)
 
-    def _shard_input(self, name: str) -> list[dict[str, Any]]:
+    def _shard_input(self, name: str) -> Path:
+        """The upstream rows a sharded stage reads in slices (written in row groups of one shard)."""
         if name == "seeds":
-            return read_rows(self.upstream_dir(name, "captions") / "seed.parquet")
+            return self.upstream_dir(name, "captions") / "seed.parquet"
         if name == "complete_train":
-            return read_rows(self.upstream_dir(name, "captions") / "train.parquet")
+            return self.upstream_dir(name, "captions") / "train.parquet"
         if name == "complete_test":
-            return read_rows(self.upstream_dir(name, "captions") / "test.parquet")
+            return self.upstream_dir(name, "captions") / "test.parquet"
         if name == "negatives":
-            return read_rows(self.upstream_dir(name, "complete_train") / "rows.parquet")
+            return self.upstream_dir(name, "complete_train") / "rows.parquet"
         raise BuildError(f"stage {name} has no row input to shard")
 
     def run_shard(self, name: str, index: int) -> dict[str, Any]:
@@ -236,7 +238,7 @@ class Pipeline:
             if name == "augment":
                 rows, stats = _augment_shard(self, index)
             else:
-                part = self._shard_input(name)[index * size:(index + 1) * size]
+                part = read_rows(self._shard_input(name), index * size, (index + 1) * size)
                 rows, stats = SHARD_RUNNERS[name](self, part, index)
             write_rows(out.path / "rows.parquet", rows)
             out.record["stats"] = stats.to_dict()
@@ -264,7 +266,7 @@ class Pipeline:
         if name == "augment":
             rows = _drop_cross_shard_duplicates(rows, stats)
         stats.kept = len(rows)
-        write_rows(stage_dir.path / "rows.parquet", rows)
+        write_rows(stage_dir.path / "rows.parquet", rows, row_group_size=self.settings.sharding.shard_size)
         write_json_atomic(stage_dir.path / "stats.json", stats.to_dict())
         stage_dir.mark_success(self._record(name, [stats.to_dict()], loaded, n_shards=n), started)
         return stats.to_dict()
@@ -435,7 +437,7 @@ def _captions(pipe: Pipeline, out: Path) -> list[StageStats]:
         for name, part in parts.items():
             for index, row in enumerate(part):
                 row["id"] = f"{name}-{index:06d}"
-            write_rows(out / f"{name}.parquet", part)
+            write_rows(out / f"{name}.parquet", part, row_group_size=pipe.settings.sharding.shard_size)
         split_stats.extra.update({f"sampled_{name}": len(part) for name, part in parts.items()})
         stats.append(split_stats)
     return stats

@@ -151,21 +151,48 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], row_group_size: int | None = None) -> None:
     """Write rows (dicts of strings, numbers and lists) as one Parquet file, atomically.
 
     Readable as a Hugging Face ``Dataset`` (``Dataset.from_parquet``) or with :func:`read_rows`.
+    ``row_group_size``: rows per Parquet row group (the shard size of the stage that reads the
+    file in slices, so that each shard decodes only its own rows); default: pyarrow's.
     """
     table = pa.Table.from_pylist(list(rows)) if rows else pa.table({})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows written by :func:`write_rows`, in order."""
+def count_rows(path: Path) -> int:
+    """Number of rows in a file written by :func:`write_rows` (from its metadata; nothing is decoded)."""
+    _check_rows(path)
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def read_rows(path: Path, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``start`` to ``stop`` (exclusive; default: all) written by :func:`write_rows`, in order.
+
+    Only the row groups that hold those rows are read and decoded.
+    """
+    _check_rows(path)
+    parquet = pq.ParquetFile(path)
+    meta = parquet.metadata
+    stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+    groups, first, offset = [], 0, 0
+    for group in range(meta.num_row_groups):
+        size = meta.row_group(group).num_rows
+        if offset < stop and offset + size > start:
+            first = first if groups else offset
+            groups.append(group)
+        offset += size
+    if not groups:
+        return []
+    return parquet.read_row_groups(groups).slice(start - first, stop - start).to_pylist()
+
+
+def _check_rows(path: Path) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: stage rows are missing; delete the stage directory and rerun")
-    return pq.read_table(path).to_pylist()
 
 
 @dataclass(frozen=True)

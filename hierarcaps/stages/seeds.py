@@ -6,7 +6,8 @@ gives T2 from T3, *what general concept includes* gives T1 from T2. Every step r
 captions still alive, in batched generate calls of ``batch_size`` prompts. The answer is the
 text inside the first quotation of the model's continuation (when the partial answer already
 opened a quotation, the text up to its closing mark); a quotation opened with ``"`` closes with
-``"``, one opened with ``“`` with ``”``, and it must close on the line it opened (a real model
+``"`` or ``”`` (models mix a straight opening with a curly closing mark), one opened with ``“``
+with ``”``, and it must close on the line it opened (a real model
 that never closes its quote rambles on for lines). An answer without a quotation is rejected
 (``no_quoted_text``), and so is one without a standard alphanumeric character
 (``no_alphanumeric``). Answers lose trailing sentence punctuation (models write
@@ -38,8 +39,9 @@ from hierarcaps.stats import StageStats
 NO_QUOTED_TEXT = "no_quoted_text"
 NO_ALPHANUMERIC = "no_alphanumeric"
 
-#: Opening quotation marks and the mark that closes each (straight with straight, curly with curly).
-_CLOSING_QUOTE = {'"': '"', "“": "”"}
+#: Opening quotation marks and the marks that close each: a straight opening closes with a
+#: straight or a curly mark, a curly opening with a curly one.
+_CLOSING_QUOTE = {'"': re.compile('["”]'), "“": re.compile("”")}
 _OPENING_QUOTE = re.compile('["“]')
 #: The end of an answer whose opening quote was in the partial answer (ours is straight).
 _OPEN_QUOTATION_END = re.compile(r'["”\n]')
@@ -70,7 +72,7 @@ def extract_quoted(continuation: str, quote_open: bool) -> str | None:
 
     ``quote_open``: the partial answer ended inside an open (straight) quotation, so the answer
     is the text up to the first closing mark, ``"`` or ``”``. Otherwise it is the text of the
-    first quotation, ``"..."`` or ``“...”``. Either way the quotation must close before the
+    first quotation, ``"..."``, ``"...”`` or ``“...”``. Either way the quotation must close before the
     line ends; a first quotation mark that closes nothing (a stray closing mark) means no answer.
     """
     if quote_open:
@@ -83,8 +85,8 @@ def extract_quoted(continuation: str, quote_open: bool) -> str | None:
         return None
     line_end = continuation.find("\n", opening.end())
     line = continuation[opening.end():line_end if line_end != -1 else None]
-    text, closed, _ = line.partition(_CLOSING_QUOTE[opening.group()])
-    return normalize_text(text) if closed else None
+    closing = _CLOSING_QUOTE[opening.group()].search(line)
+    return normalize_text(line[:closing.start()]) if closing else None
 
 
 def clean_answer(answer: str) -> str:
