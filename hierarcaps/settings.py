@@ -209,7 +209,17 @@ def apply_mapping(obj: T, data: Mapping[str, Any], origin: str, prefix: str = ""
             changes[key] = apply_mapping(current, value, origin, dotted + ".")
         else:
             changes[key] = _coerce(value, types_[key], dotted, origin)
-    return dataclasses.replace(obj, **changes)
+    return _replace(obj, changes, f"{origin}: {prefix.rstrip('.') or 'settings'}")
+
+
+def _replace(obj: T, changes: Mapping[str, Any], where: str) -> T:
+    """``dataclasses.replace``; a value its class refuses (e.g. a model's dtype) is a :class:`SettingsError`."""
+    try:
+        return dataclasses.replace(obj, **changes)
+    except SettingsError:
+        raise
+    except ValueError as err:
+        raise SettingsError(f"{where}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], str]:
@@ -271,7 +281,7 @@ def _set_path(obj: Any, parts: list[str], raw: str, prefix: str) -> Any:
         return dataclasses.replace(obj, **{key: _set_path(current, rest, raw, dotted + ".")})
     if rest:
         raise SettingsError(f"--set: {dotted!r} is a value, not a group; cannot set {dotted}.{'.'.join(rest)}")
-    return dataclasses.replace(obj, **{key: _parse_text(raw, types_[key], dotted)})
+    return _replace(obj, {key: _parse_text(raw, types_[key], dotted)}, f"--set {prefix.rstrip('.') or key}")
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
@@ -327,11 +337,33 @@ def validate_settings(settings: BuildSettings) -> None:
             "nli.decision='length_rule' replaces the NLI model's decisions and makes unusable data; "
             "it is allowed only with plumbing_check=true (the smoke profile)"
         )
-    if settings.sharding.shard_size < 1 or settings.sharding.concurrency < 1:
-        raise SettingsError("sharding.shard_size and sharding.concurrency must be at least 1")
-    for name in ("seed_captions", "train_captions", "test_captions"):
-        if getattr(settings.captions, name) < 1:
-            raise SettingsError(f"captions.{name} must be at least 1")
+    for key, value, low, strict in _ranged_values(settings):
+        if value is not None and not (value > low if strict else value >= low):
+            bound = f"greater than {low}" if strict else f"at least {low}"
+            raise SettingsError(f"{key} must be {bound}; got {value}")
+
+
+#: Lower bounds of numeric settings, by the setting's name anywhere in the tree: (bound, strict).
+RANGES: dict[str, tuple[float, bool]] = {
+    **{name: (1, False) for name in (
+        "seed_captions", "train_captions", "test_captions", "shard_size", "concurrency", "batch_size",
+        "max_new_tokens", "attempts", "target_count", "shots", "max_calls", "epochs", "max_source_length",
+        "max_target_length", "num_candidates", "nli_wave", "rounds",
+    )},
+    "min_words": (0, False),
+    "temperature": (0.0, True),
+    "learning_rate": (0.0, True),
+}
+
+
+def _ranged_values(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, float, bool]]:
+    """``(dotted key, value, bound, strict)`` for every setting named in :data:`RANGES`."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _ranged_values(value, f"{prefix}{f.name}.")
+        elif f.name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield (f"{prefix}{f.name}", value, *RANGES[f.name])
 
 
 def to_dict(settings: Any) -> dict[str, Any]:
