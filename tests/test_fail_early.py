@@ -185,3 +185,12 @@ def test_model_load_error_names_the_setting(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
         pipe.generator("chat_lm")
     assert str(caught.value).startswith("models.chat_lm.name_or_path = 'nobody/no-such-model': could not load")
+
+
+def test_hierarcaps_finetune_learning_rate_out_of_range_is_one_line(tmp_path, capsys):
+    from finetune.cli import main as finetune_main
+
+    args = ["--data", str(tmp_path / "train.csv"), "--output", str(tmp_path / "run"), "--set", "optim.lr=-1"]
+    assert finetune_main(args) == 2
+    assert capsys.readouterr().err == "hierarcaps-finetune: error: optim.lr must be greater than 0; got -1.0\n"
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
