@@ -230,6 +230,15 @@ def validate(settings: FinetuneSettings) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             raise SettingsError(f"{key} must be at least 1; got {value}")
+    above_zero = {"optim.lr": settings.optim.lr, "optim.eps": settings.optim.eps,
+                  "optim.max_grad_norm": settings.optim.max_grad_norm}
+    for key, value in above_zero.items():
+        if value is not None and not value > 0:
+            raise SettingsError(f"{key} must be greater than 0; got {value}")
+    if settings.optim.weight_decay < 0:
+        raise SettingsError(f"optim.weight_decay must be at least 0; got {settings.optim.weight_decay}")
+    if settings.optim.betas is not None and not all(0 <= b < 1 for b in settings.optim.betas):
+        raise SettingsError(f"optim.betas must be two numbers in [0, 1); got {settings.optim.betas}")
     if not settings.data.source:
         raise SettingsError("data.source is empty: give a dataset folder, a Hub dataset id or a release CSV")
     if settings.loss.name in IMAGE_LOSSES and settings.model.backend == "text":

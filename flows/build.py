@@ -13,26 +13,31 @@ Prefect server it needs). A shard task receives only plain values (the resolved 
 dict, the output folder, the stage and shard index), so it runs the same in a thread or on a
 remote worker that sees the output folder.
 
-By default no server is needed: Prefect starts its ephemeral API on SQLite under
-``PREFECT_HOME``. At the end a summary (counts per stage, rejections per reason, seconds) is
-printed and saved as a Prefect table artifact, with each stage's throughput (generate calls,
-prompt and generated tokens, NLI pairs and cache hits, tokens/s, pairs/s).
+By default no server is needed: ``build-hierarcaps`` starts Prefect's temporary API on SQLite
+under ``PREFECT_HOME``, out of reach of the terminal's Ctrl-C (:mod:`flows.server`). At the end
+a summary (counts per stage, rejections per reason, seconds) is printed and saved as a Prefect
+table artifact, with each stage's throughput (generate calls, prompt and generated tokens, NLI
+pairs and cache hits, tokens/s, pairs/s).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.context import refresh_global_settings_context
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.futures import as_completed, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from hierarcaps.pipeline import FINAL, ORDER, STAGES, Pipeline, release_models
 from hierarcaps.settings import BuildSettings, from_dict, to_dict
-from hierarcaps.stats import throughput_columns
+from hierarcaps.summary import format_table, summary_rows
 
 PLUMBING_BANNER = "SMOKE PROFILE: this build is a PLUMBING CHECK with tiny random models, NOT usable data."
 
@@ -86,43 +91,6 @@ def run_sharded(
     stage_task(settings, str(pipe.output_dir), stage)
 
 
-def summary_rows(pipe: Pipeline, status: dict[str, str], seconds: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per stage (and per caption split): status, counts, rejections, seconds, throughput.
-
-    Throughput (:func:`hierarcaps.stats.throughput_columns`): generate calls, prompt and generated
-    tokens, NLI pairs scored and cache hits, generated tokens/s and NLI pairs/s over the time
-    spent in the stage body (summed over shards).
-    """
-    rows = []
-    for name in ORDER:
-        if not pipe.is_done(name):
-            continue
-        for stats in pipe.dirs[name].record()["stats"]:
-            rejected = stats.get("rejected", {})
-            rows.append({
-                "stage": stats.get("stage", name),
-                "status": status.get(name, "done before"),
-                "in": stats.get("items_in", 0),
-                "kept": stats.get("kept", 0),
-                "rejected": sum(rejected.values()),
-                "reasons": ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-",
-                "seconds": round(seconds.get(name, stats.get("seconds", 0.0)), 1),
-                **throughput_columns(stats),
-            })
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of summary rows."""
-    if not rows:
-        return "(no stage finished)"
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys), "  ".join("-" * widths[k] for k in keys)]
-    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in rows]
-    return "\n".join(lines)
-
-
 @flow(name="build-hierarcaps", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def build_hierarcaps(settings: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """Build a HierarCaps dataset into ``output_dir``; rerunning resumes where it stopped.
@@ -165,8 +133,13 @@ def run_build(
     *,
     task_runner: str = "thread",
     dask_address: str | None = None,
+    api_url: str | None = None,
 ) -> dict[str, Any]:
-    """Run the flow with the chosen task runner (``thread`` or ``dask``)."""
+    """Run the flow with the chosen task runner (``thread`` or ``dask``).
+
+    ``api_url``: the Prefect API to report to (the CLI's :class:`flows.server.TemporaryServer`);
+    ``None`` leaves the choice to Prefect's settings (its own temporary server when none is set).
+    """
     concurrency = settings.sharding.concurrency
     if task_runner == "thread":
         runner: Any = ThreadPoolTaskRunner(max_workers=concurrency)
@@ -178,4 +151,25 @@ def run_build(
         )
     else:
         raise ValueError(f"--task-runner must be 'thread' or 'dask', got {task_runner!r}")
-    return build_hierarcaps.with_options(task_runner=runner)(to_dict(settings), str(Path(output_dir).resolve()))
+    with _prefect_api(api_url):
+        return build_hierarcaps.with_options(task_runner=runner)(to_dict(settings), str(Path(output_dir).resolve()))
+
+
+@contextlib.contextmanager
+def _prefect_api(api_url: str | None) -> Iterator[None]:
+    """Point this process (every thread) and the processes it starts at ``api_url`` for the block."""
+    if api_url is None:
+        yield
+        return
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    refresh_global_settings_context()  # Prefect read the environment when it was imported
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        refresh_global_settings_context()

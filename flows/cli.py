@@ -23,15 +23,22 @@ See ``docs/build.md``.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from flows.server import ServerStartError, TemporaryServer
 from hierarcaps.estimate import add_estimate_arguments, print_estimate
 from hierarcaps.models import quiet_library_progress
 from hierarcaps.settings import PROFILES, SettingsError, resolve_settings
+from hierarcaps.summary import format_table, kept_work, summary_rows
 
 RESUME_HINT = "rerun the same command to resume"
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="settings file (TOML or YAML) applied over the profile")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set seeds.temperature=1.1 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved plan, check the settings, caption files and local model folders "
+                        "(no model is loaded), and exit (status 2 when a check fails)")
     add_estimate_arguments(parser)
     parser.add_argument("--task-runner", default="thread", choices=("thread", "dask"),
                         help="run shards in local threads (default) or on a Dask cluster")
@@ -88,11 +97,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe_plan(settings, output_dir: Path) -> str:  # noqa: ANN001 - BuildSettings
-    """The resolved plan: settings file, then each stage, its folder and whether it will run."""
-    from hierarcaps.pipeline import Pipeline
-
-    pipe = Pipeline(settings, output_dir)
+def describe_plan(pipe) -> str:  # noqa: ANN001 - hierarcaps.pipeline.Pipeline
+    """The resolved plan: output folder, profile, then each stage, its folder and whether it will run."""
+    settings = pipe.settings
     lines = [f"output dir: {pipe.output_dir}", f"profile: {settings.profile}"]
     if settings.plumbing_check:
         lines.append("SMOKE PROFILE: a plumbing check with tiny random models, NOT usable data")
@@ -107,6 +114,56 @@ def describe_plan(settings, output_dir: Path) -> str:  # noqa: ANN001 - BuildSet
     return "\n".join(lines)
 
 
+class _Interruptible:
+    """Ctrl-C during a build: stop the temporary server, say what is kept, exit 130 at once.
+
+    Every stage and shard is written to a temporary folder and renamed when finished, so
+    leaving mid-shard loses only that shard's partial work; waiting for running shards (or for
+    Prefect to report the cancellation) would keep the user waiting for minutes.
+    """
+
+    def __init__(self, pipe, server: TemporaryServer | None) -> None:  # noqa: ANN001 - Pipeline
+        self.pipe, self.server = pipe, server
+        self.previous: Any = None
+
+    def __enter__(self) -> "_Interruptible":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+        try:
+            kept = kept_work(self.pipe)
+        except Exception as err:  # noqa: BLE001 - the exit must not depend on reading the folders
+            kept = f"(could not list the finished stages: {err})"
+        message = f"\nbuild-hierarcaps: interrupted.\n{kept}\nNothing finished is lost: {RESUME_HINT}.\n"
+        sys.stdout.flush()
+        os.write(sys.stderr.fileno(), message.encode("utf-8", "replace"))
+        os._exit(INTERRUPTED)
+
+
+def _report(problems: list[str]) -> bool:
+    """Print each input problem as one line; true when there is any."""
+    for problem in problems:
+        print(f"build-hierarcaps: error: {problem}", file=sys.stderr)
+    return bool(problems)
+
+
+def _cannot_resume(err: BaseException) -> bool:
+    """Errors a plain rerun cannot fix (bad input, settings or model paths): no resume hint for them."""
+    from hierarcaps.models import ModelLoadError
+    from hierarcaps.pipeline import InputError
+    from hierarcaps.sources import SourceFormatError
+
+    return isinstance(err, (InputError, ModelLoadError, SettingsError, SourceFormatError))
+
+
 def main_build(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if (args.estimate or args.estimate_from or args.calibrate is not None) and not args.dry_run:
@@ -116,31 +173,61 @@ def main_build(argv: Sequence[str]) -> int:
     except SettingsError as err:
         print(f"build-hierarcaps: settings error: {err}", file=sys.stderr)
         return 2
-    from hierarcaps.pipeline import BuildError, check_caption_sources
+    from hierarcaps.pipeline import ORDER, Pipeline
+    from hierarcaps.preflight import check_caption_files, check_inputs, check_model_paths
 
-    try:
-        check_caption_sources(settings)
-    except BuildError as err:
-        if not args.dry_run:
-            print(f"build-hierarcaps: settings error: {err}", file=sys.stderr)
-            return 2
-        print(f"warning: {err}")
+    pipe = Pipeline(settings, args.output_dir)
+    read_captions = not pipe.is_done("captions")
     if args.dry_run:
-        print(describe_plan(settings, args.output_dir))
-        wants_estimate = args.estimate or args.estimate_from is not None or args.calibrate is not None
-        return print_estimate(settings, args.output_dir, args) if wants_estimate else 0
+        print(describe_plan(pipe))
+        problems = check_inputs(settings, read_captions=read_captions)
+        if args.estimate or args.estimate_from is not None or args.calibrate is not None:
+            # an estimate needs only the configured counts: a build plan without its caption files yet is fine
+            for problem in problems:
+                print(f"build-hierarcaps: warning (the build needs it, the estimate does not): {problem}", file=sys.stderr)
+            return print_estimate(settings, args.output_dir, args)
+        if _report(problems):
+            return 2
+        print("checked: settings, caption files, local model folders (no model was loaded)")
+        return 0
+    if all(pipe.is_done(name) for name in ORDER):
+        print(f"Build summary ({pipe.output_dir}):\n{format_table(summary_rows(pipe))}")
+        print(f"build-hierarcaps: nothing to do, every stage is finished. Dataset: {pipe.dirs['final'].path}")
+        return 0
+    if _report((check_caption_files(settings) if read_captions else []) + check_model_paths(settings)):
+        return 2
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
+    with _Interruptible(pipe, server):
+        return _run(pipe, args, server, read_captions)
+
+
+def _run(pipe, args: argparse.Namespace, server: TemporaryServer | None, read_captions: bool) -> int:  # noqa: ANN001
+    """Read the caption files and import Prefect while the server starts, then run the flow; report the end.
+
+    Once the flow has run, the server stays up until the interpreter exits (it stops itself then):
+    Prefect's log and event workers send what they still hold at exit, before that.
+    """
+    from hierarcaps.preflight import check_caption_content
+
+    if read_captions and _report(check_caption_content(pipe.settings)):
+        if server is not None:
+            server.stop()
+        return 2
     from flows.build import run_build
 
     try:
-        run_build(settings, args.output_dir, task_runner=args.task_runner, dask_address=args.dask_address)
-    except KeyboardInterrupt:
-        print(f"\nbuild-hierarcaps: interrupted; finished stages and shards are kept: {RESUME_HINT}", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - any failure ends the same way for the user
-        print(f"build-hierarcaps: the build failed: {type(err).__name__}: {err}\n"
-              f"Finished stages and shards are kept: {RESUME_HINT}.", file=sys.stderr)
+        api_url = server.wait_ready() if server is not None else None
+        run_build(pipe.settings, pipe.output_dir, task_runner=args.task_runner, dask_address=args.dask_address,
+                  api_url=api_url)
+    except ServerStartError as err:
+        print(f"build-hierarcaps: {err}", file=sys.stderr)
         return 1
-    print(f"build-hierarcaps: done. Dataset: {Path(args.output_dir).resolve() / 'final'}")
+    except Exception as err:  # noqa: BLE001 - any failure ends the same way for the user
+        print(f"Build summary so far ({pipe.output_dir}):\n{format_table(summary_rows(pipe))}")
+        hint = "" if _cannot_resume(err) else f"\nFinished stages and shards are kept: {RESUME_HINT}."
+        print(f"build-hierarcaps: the build failed: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+        return 1
+    print(f"build-hierarcaps: done. Dataset: {pipe.output_dir / 'final'}")
     return 0
 
 
@@ -164,7 +251,7 @@ def main_publish(argv: Sequence[str]) -> int:
 
 
 def main_finetune(argv: Sequence[str]) -> int:
-    from finetune.config import load_settings
+    from finetune.config import load_settings, validate
     from flows.finetune import build_dataset_dir, finetune_flow
 
     args = finetune_parser().parse_args(argv)
@@ -176,6 +263,7 @@ def main_finetune(argv: Sequence[str]) -> int:
         dataset = build_dataset_dir(args.output_dir)
         overrides = [f"data.source={dataset}"] + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
         settings = load_settings(args.config, overrides + list(args.overrides))
+        validate(settings)  # before the flow starts: a bad value is a one-line error, not a traceback mid-run
     except SettingsError as err:
         print(f"build-hierarcaps finetune: settings error: {err}", file=sys.stderr)
         return 2
@@ -198,12 +286,16 @@ def main_finetune(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet_library_progress()
-    if argv and argv[0] == "publish":
-        return main_publish(argv[1:])
-    if argv and argv[0] == "finetune":
-        return main_finetune(argv[1:])
-    return main_build(argv)
+    try:
+        quiet_library_progress()
+        if argv and argv[0] == "publish":
+            return main_publish(argv[1:])
+        if argv and argv[0] == "finetune":
+            return main_finetune(argv[1:])
+        return main_build(argv)
+    except KeyboardInterrupt:  # before a build started, or in publish / finetune
+        print("\nbuild-hierarcaps: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

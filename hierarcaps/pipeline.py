@@ -72,6 +72,10 @@ class BuildError(RuntimeError):
     """A stage cannot run (missing input, nothing survived a filter, bad setting)."""
 
 
+class InputError(BuildError):
+    """Bad input or settings: rerunning the same command cannot help until the cause is fixed."""
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A stage of the graph: its code version, upstream stages, settings and models."""
@@ -128,12 +132,12 @@ def check_caption_sources(settings: "BuildSettings") -> None:
     for split, example in examples.items():
         path = getattr(settings.captions, split).path
         if not path:
-            raise BuildError(
+            raise InputError(
                 f"captions.{split}.path is not set: give the {split} caption file, "
                 f"e.g. --set captions.{split}.path={example}"
             )
         if not resolve_path(path).is_file():
-            raise BuildError(f"captions.{split}.path = {path!r}: no such file")
+            raise InputError(f"captions.{split}.path = {path!r}: no such file")
 
 
 class Pipeline:
@@ -369,7 +373,7 @@ class Pipeline:
                                          max_batch_tokens=settings.nli.max_batch_tokens, cache_path=cache)
             return LengthRuleScorer(scorer) if settings.nli.decision == "length_rule" else scorer
 
-        return _MODELS.get(("nli", spec, settings.nli.template, settings.nli.decision), load)
+        return _MODELS.get(("nli", spec, settings.nli.template, settings.nli.decision), self._naming_setting("nli", load))
 
     def backend(self, role: str, spec: Any) -> str:
         """``hf`` or ``vllm``: the library that samples from the model of ``role`` (``generation.*``).
@@ -408,7 +412,22 @@ class Pipeline:
             model, tokenizer = load_lm(spec)
             return TextGenerator(model, tokenizer, model_id=spec.label, batch_size=spec.batch_size)
 
-        return _MODELS.get((role, spec, backend), load)
+        return _MODELS.get((role, spec, backend), self._naming_setting(role, load))
+
+    def _naming_setting(self, role: str, load: Callable[[], Any]) -> Callable[[], Any]:
+        """``load`` whose :class:`~hierarcaps.models.ModelLoadError` names the setting ``models.<role>.name_or_path``."""
+        from hierarcaps.models import ModelLoadError
+
+        def named() -> Any:
+            try:
+                return load()
+            except ModelLoadError as err:
+                if not hasattr(self.settings.models, role):  # the completer trained by this build
+                    raise
+                setting = f"models.{role}.name_or_path = {getattr(self.settings.models, role).name_or_path!r}"
+                raise ModelLoadError(f"{setting}: {err}") from err
+
+        return named
 
 
 # ---------------------------------------------------------------------- stage bodies
@@ -416,7 +435,7 @@ class Pipeline:
 
 def _captions(pipe: Pipeline, out: Path) -> list[StageStats]:
     """Sample seed, train (disjoint, from the train source) and test captions."""
-    from hierarcaps.sources import iter_captions, sample_captions
+    from hierarcaps.sources import SourceFormatError, iter_captions, sample_captions
 
     check_caption_sources(pipe.settings)
     c = pipe.settings.captions
@@ -428,7 +447,12 @@ def _captions(pipe: Pipeline, out: Path) -> list[StageStats]:
             rows = iter_captions(resolve_path(source.path), source.format, column=source.column,
                                  min_words=source.min_words, stats=split_stats)
             wanted = c.seed_captions + c.train_captions if split == "train" else c.test_captions
-            sample = [dataclasses.asdict(r) for r in sample_captions(rows, wanted, seed=c.seed + pipe.settings.seed)]
+            try:
+                sample = [dataclasses.asdict(r) for r in sample_captions(rows, wanted, seed=c.seed + pipe.settings.seed)]
+            except SourceFormatError as err:
+                raise InputError(f"captions.{split}.format = {source.format!r}: {err}") from None
+        if not sample or (split == "train" and len(sample) <= c.seed_captions):
+            raise InputError(no_usable_captions(split, source, split_stats, c.seed_captions))
         if split == "train":
             random.Random(c.seed).shuffle(sample)
             parts = {"seed": sample[:c.seed_captions], "train": sample[c.seed_captions:]}
@@ -441,6 +465,28 @@ def _captions(pipe: Pipeline, out: Path) -> list[StageStats]:
         split_stats.extra.update({f"sampled_{name}": len(part) for name, part in parts.items()})
         stats.append(split_stats)
     return stats
+
+
+def no_usable_captions(split: str, source: Any, stats: StageStats, seed_captions: int = 0) -> str:
+    """Why a caption source gave too few usable captions: the file, counts per reason, the fix."""
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.rejected.items())) or "none"
+    need = f"more than captions.seed_captions = {seed_captions}" if split == "train" else "at least one"
+    head = (f"captions.{split}.path = {source.path!r} ({resolve_path(source.path)}): {stats.kept} usable captions "
+            f"of {stats.items_in} records read, {need} needed; rejected: {reasons}")
+    top = stats.rejected.most_common(1)[0][0] if stats.rejected else None
+    if stats.items_in == 0:
+        fix = "the file holds no records; give a caption file that is not empty"
+    elif top == "too_short":
+        fix = (f"captions shorter than captions.{split}.min_words = {source.min_words} words are dropped; "
+               f"lower it (e.g. --set captions.{split}.min_words=3) or use a file of longer captions")
+    elif top == "malformed":
+        fix = (f"the records do not match captions.{split}.format = {source.format!r} (see docs/formats.md: "
+               "cc_tsv is 'caption<TAB>url' per line); set the format that matches the file")
+    elif top == "empty":
+        fix = f"the caption fields are empty; check captions.{split}.format and captions.{split}.column"
+    else:
+        fix = "give a file with more distinct captions, or lower captions.seed_captions"
+    return f"{head}. Fix: {fix}"
 
 
 def _shard_settings(settings: Any, index: int) -> Any:
@@ -492,7 +538,7 @@ def _completer(pipe: Pipeline, out: Path) -> list[StageStats]:
                          "see its rejections")
     spec = pipe.model_spec("completer")
     pipe.backend("completer", spec)  # a vLLM completer must be decoder-only: fail before training
-    model, tokenizer = load_lm(spec)
+    model, tokenizer = pipe._naming_setting("completer", lambda: load_lm(spec))()
     _MODELS.described["completer_base"] = _describe(model)
     torch.manual_seed(pipe.settings.completer.seed)
     stats = train_completer(hierarchies, model, tokenizer, pipe.settings.completer, out / "model")

@@ -233,7 +233,17 @@ def apply_mapping(obj: T, data: Mapping[str, Any], origin: str, prefix: str = ""
             changes[key] = apply_mapping(current, value, origin, dotted + ".")
         else:
             changes[key] = _coerce(value, types_[key], dotted, origin)
-    return dataclasses.replace(obj, **changes)
+    return _replace(obj, changes, f"{origin}: {prefix.rstrip('.') or 'settings'}")
+
+
+def _replace(obj: T, changes: Mapping[str, Any], where: str) -> T:
+    """``dataclasses.replace``; a value its class refuses (e.g. a model's dtype) is a :class:`SettingsError`."""
+    try:
+        return dataclasses.replace(obj, **changes)
+    except SettingsError:
+        raise
+    except ValueError as err:
+        raise SettingsError(f"{where}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], str]:
@@ -295,7 +305,7 @@ def _set_path(obj: Any, parts: list[str], raw: str, prefix: str) -> Any:
         return dataclasses.replace(obj, **{key: _set_path(current, rest, raw, dotted + ".")})
     if rest:
         raise SettingsError(f"--set: {dotted!r} is a value, not a group; cannot set {dotted}.{'.'.join(rest)}")
-    return dataclasses.replace(obj, **{key: _parse_text(raw, types_[key], dotted)})
+    return _replace(obj, {key: _parse_text(raw, types_[key], dotted)}, f"--set {prefix.rstrip('.') or key}")
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
@@ -351,8 +361,6 @@ def validate_settings(settings: BuildSettings) -> None:
             "nli.decision='length_rule' replaces the NLI model's decisions and makes unusable data; "
             "it is allowed only with plumbing_check=true (the smoke profile)"
         )
-    if settings.nli.max_batch_tokens < 0:
-        raise SettingsError(f"nli.max_batch_tokens must be >= 0 (0: no token budget), got {settings.nli.max_batch_tokens}")
     for key, value in (("generation.backend", settings.generation.backend),
                        ("generation.completer_backend", settings.generation.completer_backend or "hf")):
         if value not in BACKENDS:
@@ -360,18 +368,38 @@ def validate_settings(settings: BuildSettings) -> None:
     if settings.models.nli.batch_size is None:
         raise SettingsError("models.nli.batch_size cannot be none: it is the number of pairs per NLI forward pass")
     for stage in GENERATING_STAGES:
-        sampling = getattr(settings, stage)
-        if sampling.top_k is not None and sampling.top_k < 1:
-            raise SettingsError(f"{stage}.top_k must be at least 1, or none for no top-k filter; got {sampling.top_k}")
-        if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
-            raise SettingsError(f"{stage}.top_p must be in (0, 1], or none for no nucleus filter; got {sampling.top_p}")
-        if not sampling.temperature > 0:
-            raise SettingsError(f"{stage}.temperature must be > 0; got {sampling.temperature}")
-    if settings.sharding.shard_size < 1 or settings.sharding.concurrency < 1:
-        raise SettingsError("sharding.shard_size and sharding.concurrency must be at least 1")
-    for name in ("seed_captions", "train_captions", "test_captions"):
-        if getattr(settings.captions, name) < 1:
-            raise SettingsError(f"captions.{name} must be at least 1")
+        top_p = getattr(settings, stage).top_p
+        if top_p is not None and not 0 < top_p <= 1:
+            raise SettingsError(f"{stage}.top_p must be in (0, 1], or none for no nucleus filter; got {top_p}")
+    for key, value, low, strict in _ranged_values(settings):
+        if value is not None and not (value > low if strict else value >= low):
+            bound = f"greater than {low}" if strict else f"at least {low}"
+            raise SettingsError(f"{key} must be {bound}; got {value}")
+
+
+#: Lower bounds of numeric settings, by the setting's name anywhere in the tree: (bound, strict).
+RANGES: dict[str, tuple[float, bool]] = {
+    **{name: (1, False) for name in (
+        "seed_captions", "train_captions", "test_captions", "shard_size", "concurrency", "batch_size",
+        "max_new_tokens", "attempts", "target_count", "shots", "max_calls", "epochs", "max_source_length",
+        "max_target_length", "num_candidates", "nli_wave", "rounds",
+    )},
+    "min_words": (0, False),
+    "max_batch_tokens": (0, False),  # 0: no token budget
+    "top_k": (1, False),  # none: no top-k filter
+    "temperature": (0.0, True),
+    "learning_rate": (0.0, True),
+}
+
+
+def _ranged_values(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, float, bool]]:
+    """``(dotted key, value, bound, strict)`` for every setting named in :data:`RANGES`."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _ranged_values(value, f"{prefix}{f.name}.")
+        elif f.name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield (f"{prefix}{f.name}", value, *RANGES[f.name])
 
 
 def to_dict(settings: Any) -> dict[str, Any]:

@@ -58,6 +58,7 @@ def test_cli_failure_says_how_to_resume(tmp_path, monkeypatch, capsys):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr("flows.build.run_build", failing)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no temporary server for a replaced flow
     assert main(["--profile", "smoke", "--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "CUDA out of memory" in err and cli.RESUME_HINT in err
@@ -86,5 +87,6 @@ def test_cli_checks_caption_files_before_starting(tmp_path, monkeypatch, capsys)
     missing = ["--set", f"captions.train.path={tmp_path / 'cc.tsv'}", "--set", "captions.test.path=resources:demo/coco_captions.json"]
     assert main(["--output-dir", str(tmp_path)] + missing) == 2
     assert "cc.tsv': no such file" in capsys.readouterr().err
-    assert main(["--output-dir", str(tmp_path), "--dry-run"] + missing) == 0  # the plan still prints, with a warning
-    assert capsys.readouterr().out.startswith("warning: captions.train.path")
+    assert main(["--output-dir", str(tmp_path), "--dry-run"] + missing) == 2  # the plan still prints, then the error
+    captured = capsys.readouterr()
+    assert captured.out.startswith("output dir: ") and "cc.tsv': no such file" in captured.err
