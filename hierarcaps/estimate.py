@@ -218,12 +218,20 @@ def calibration_settings(settings: Any, n: int) -> Any:
 
 
 def figures_from_calibration(settings: Any, n: int) -> dict[str, Figures]:
-    """Run a short build (:func:`calibration_settings`) in a temporary folder and take its figures."""
-    from hierarcaps.pipeline import Pipeline
+    """Run a short build (:func:`calibration_settings`) in a temporary folder and take its figures.
+
+    When a stage of so small a build keeps nothing for the next one (e.g. no seed hierarchy out
+    of a few captions), the stages finished so far give figures and the reason is printed.
+    """
+    from hierarcaps.pipeline import BuildError, Pipeline
 
     with tempfile.TemporaryDirectory(prefix="hierarcaps-calibrate-") as tmp:
         pipe = Pipeline(calibration_settings(settings, n), tmp)
-        pipe.run()
+        try:
+            pipe.run()
+        except BuildError as err:
+            print(f"calibration stopped early ({err}); later stages use other figures: "
+                  "a larger --calibrate N may get further", file=sys.stderr)
         found = figures_from_pipeline(pipe)
     return {stage: dataclasses.replace(f, source=f"a calibration build of {n} captions with the configured models")
             for stage, f in found.items()}
