@@ -78,7 +78,7 @@ class DataSettings:
 
     source: str = ""  # DatasetDict folder, Hub dataset id, or release CSV
     split: str = "train"
-    images_dir: str | None = None  # image_ref base names are looked up here (rcme, level)
+    images_dir: str | None = None  # rcme, level: a fetch-images folder, or image_ref base names are looked up here
     exclude_images_from: list[str] = field(default_factory=list)  # release CSVs / folders whose images to leave out
     max_items: int | None = None
     num_workers: int = 0
