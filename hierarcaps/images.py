@@ -50,6 +50,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
@@ -254,28 +256,27 @@ def _tar_members(tar: Path) -> dict[str, tuple[int, int]]:
 def _shard_rows(folder: Path) -> pd.DataFrame:
     """One row per reference fetched in the done shards (the later shard wins), with its location."""
     shards = folder / SHARDS_DIR
-    frames = []
+    tables, paths, members, offsets, sizes = [], [], [], [], []
     for shard_id in _shard_ids(shards) if shards.is_dir() else []:
         name = f"{shard_id:0{_OOM_SHARD_COUNT}d}"
-        table = pd.read_parquet(shards / f"{name}.parquet", columns=["url", "key", "status", "error_message", "width", "height", "sha256"])
-        table["status"] = [failure_reason(s, e) for s, e in zip(table["status"], table["error_message"])]
-        files = [f"{key}.{_ENCODE_FORMAT}" for key in table["key"]]
-        ok = table["status"] == OK
+        table = pq.read_table(shards / f"{name}.parquet", columns=["url", "key", "status", "error_message", "width", "height", "sha256"])
+        tables.append(table)
         tar = shards / f"{name}.tar"
-        if tar.is_file():
-            members = _tar_members(tar)
-            table["path"] = [f"{SHARDS_DIR}/{name}.tar" if good else None for good in ok]
-            table["member"] = [f if good else None for f, good in zip(files, ok)]
-            table["offset"] = [members[f][0] if good else None for f, good in zip(files, ok)]
-            table["size"] = [members[f][1] if good else None for f, good in zip(files, ok)]
-        else:
-            table["path"] = [f"{SHARDS_DIR}/{name}/{f}" if good else None for f, good in zip(files, ok)]
-            table["member"] = table["offset"] = table["size"] = None
-        frames.append(table.rename(columns={"url": "image_ref"}).drop(columns="key"))
-    if not frames:
+        in_tar = _tar_members(tar) if tar.is_file() else None
+        for key, status in zip(table["key"].to_pylist(), table["status"].to_pylist()):
+            file = f"{key}.{_ENCODE_FORMAT}"
+            stored = status == "success"
+            paths.append(None if not stored else f"{SHARDS_DIR}/{name}.tar" if in_tar is not None else f"{SHARDS_DIR}/{name}/{file}")
+            members.append(file if stored and in_tar is not None else None)
+            offsets.append(in_tar[file][0] if stored and in_tar is not None else None)
+            sizes.append(in_tar[file][1] if stored and in_tar is not None else None)
+    if not tables:
         return pd.DataFrame(columns=_MAPPING_COLUMNS)
-    rows = pd.concat(frames, ignore_index=True)
-    return rows.drop_duplicates("image_ref", keep="last")
+    rows = pa.concat_tables(tables).to_pandas().rename(columns={"url": "image_ref"})
+    rows["status"] = [failure_reason(s, e) for s, e in zip(rows["status"], rows["error_message"])]
+    rows["path"], rows["member"] = pd.array(paths, dtype="string"), pd.array(members, dtype="string")
+    rows["offset"], rows["size"] = pd.array(offsets, dtype="Int64"), pd.array(sizes, dtype="Int64")
+    return rows[_MAPPING_COLUMNS].drop_duplicates("image_ref", keep="last")
 
 
 def _mapping(refs: list[str], fetched: pd.DataFrame) -> pd.DataFrame:

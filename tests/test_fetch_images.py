@@ -338,6 +338,7 @@ def test_sources_build_folders_and_clear_errors(source, fetched, tmp_path, capsy
         ([str(path), "--output", str(not_dir / "sub")], "cannot write there"),
         ([str(path), "--output", str(fetched[0]), "--image-size", "128"], "image_size 64 -> 128"),
     ]
+    capsys.readouterr()
     for args, message in cases:
         assert hierarcaps_main(["fetch-images", *args, "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
