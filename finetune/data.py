@@ -26,7 +26,7 @@ from datasets import Dataset, Value
 
 from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
 from hierarcaps.hierarchy import N_TIERS
-from hierarcaps.images import MAPPING_FILE, OK, FetchError, TarMember, is_fetched_folder, load_image_map
+from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
 from hierarcaps.schema import release_layout, release_to_rows
 
 TEXTS_PER_ITEM = 2 * N_TIERS  # P1..P4 then N1..N4
@@ -173,7 +173,7 @@ def resolve_images(data: TrainData, images_dir: str | Path) -> list[Path]:
         raise TrainDataError(f"data.images_dir: {err}") from None
 
 
-def images_for_training(data: TrainData, images_dir: str | Path) -> tuple[TrainData, list[Path | TarMember], dict[str, int]]:
+def images_for_training(data: TrainData, images_dir: str | Path) -> tuple[TrainData, list[ImageLocation], dict[str, int]]:
     """The items that have an image, their image locations, and the skipped items per reason.
 
     ``images_dir`` written by ``hierarcaps fetch-images`` (it holds ``images.parquet``): items whose
