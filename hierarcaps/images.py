@@ -333,7 +333,9 @@ def _download(folder: Path, urls: list[str], settings: FetchSettings, progress: 
 
     The shards are numbered after the done ones (img2dataset's ``incremental_mode="extend"``).
     One process downloads here (``settings.threads`` threads per shard); more processes take
-    shards from a spawn pool, as ``img2dataset.download`` does. img2dataset's prints go to
+    shards from a spawn pool, as ``img2dataset.download`` does. We build img2dataset's parts
+    rather than call ``download``, which also spawns a logging process (importing the library
+    again) and installs a Ctrl-C handler that exits with status 0. img2dataset's prints go to
     ``fetch.log``; the progress bar counts images per finished shard.
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations asks PyPI for updates on import
@@ -401,7 +403,10 @@ def _report(mapping: pd.DataFrame, source: str, empty_rows: int, requested: int,
     counts = Counter(mapping["status"])
     failed = mapping[mapping["status"] != OK]
     examples = {
-        reason: [{"image_ref": r, "error_message": e} for r, e in zip(group["image_ref"], group["error_message"])][:_EXAMPLES_PER_REASON]
+        reason: [
+            {"image_ref": ref, "error_message": None if pd.isna(message) else message}
+            for ref, message in zip(group["image_ref"][:_EXAMPLES_PER_REASON], group["error_message"])
+        ]
         for reason, group in failed.groupby("status", sort=True)
     }
     return {
@@ -411,7 +416,7 @@ def _report(mapping: pd.DataFrame, source: str, empty_rows: int, requested: int,
         "failed": {reason: counts[reason] for reason in REASONS if counts.get(reason)},
         "rows_without_image_ref": empty_rows,
         "requested_this_run": requested,
-        "examples": {k: [{kk: (None if pd.isna(vv) else vv) for kk, vv in e.items()} for e in v] for k, v in examples.items()},
+        "examples": examples,
         "settings": asdict(settings),
         "img2dataset_version": metadata.version("img2dataset"),
         "seconds": round(seconds, 3),
