@@ -16,6 +16,7 @@ Prints the output folder and the final loss; exits 2 on a settings or data error
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = read_log(result.log_path)
     final = f"{log[-1]['loss/total']:.6f}" if log else "n/a"
     steps = f"{result.steps} step{'' if result.steps == 1 else 's'}"
+    counts = json.loads(result.run_json.read_text(encoding="utf-8"))["counts"]
+    if counts.get("skipped_items_without_image"):
+        reasons = ", ".join(f"{reason} {n}" for reason, n in counts["skipped_by_reason"].items())
+        print(f"skipped {counts['skipped_items_without_image']} items whose image was not fetched ({reasons}); "
+              f"trained on {counts['items']}")
     print(f"trained {steps}; final loss {final}; model in {result.final_dir}")
     return 0
 

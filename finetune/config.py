@@ -85,7 +85,7 @@ class DataSettings:
     source: str = ""  # DatasetDict folder, Hub dataset id, release CSV, or taxonomy table (CSV/Parquet)
     format: str = "auto"  # auto | hierarcaps | taxonomy; auto: a table with the taxonomy.ranks columns is a taxonomy
     split: str = "train"
-    images_dir: str | None = None  # image_ref base names are looked up here (rcme, level)
+    images_dir: str | None = None  # rcme, level: a fetch-images folder, or image_ref base names are looked up here
     exclude_images_from: list[str] = field(default_factory=list)  # release CSVs / folders whose images to leave out
     max_items: int | None = None
     num_workers: int = 0

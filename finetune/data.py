@@ -19,6 +19,7 @@ sources whose images must not be trained on (matched by file name of the image r
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ from datasets import Dataset, Value
 
 from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
 from hierarcaps.hierarchy import N_TIERS
+from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
 from hierarcaps.manifest import MANIFEST
 from hierarcaps.schema import SchemaError, release_layout, release_to_rows
 from hierarcaps.stagedir import SUCCESS
@@ -252,3 +254,40 @@ def resolve_images(data: TrainData, images_dir: str | Path) -> list[Path]:
         return resolve_image_refs(data.image_refs, Path(images_dir))
     except FileNotFoundError as err:
         raise TrainDataError(f"data.images_dir: {err}") from None
+
+
+def images_for_training(data: TrainData, images_dir: str | Path) -> tuple[TrainData, list[ImageLocation], dict[str, int]]:
+    """The items that have an image, their image locations, and the skipped items per reason.
+
+    ``images_dir`` written by ``hierarcaps fetch-images`` (it holds ``images.parquet``): items whose
+    image failed to download are skipped (counted per failure reason; ``no_image_ref`` for items
+    without a reference). Any other folder: every item's image must be in it (:func:`resolve_images`).
+    Raises :class:`TrainDataError` when a reference is not in the mapping or no item is left.
+    """
+    if not is_fetched_folder(images_dir):
+        return data, list(resolve_images(data, images_dir)), {}
+    try:
+        fetched = load_image_map(images_dir)
+    except FetchError as err:
+        raise TrainDataError(f"data.images_dir: {err}") from None
+    unknown = [ref for ref in data.image_refs if ref and ref not in fetched]
+    if unknown:
+        raise TrainDataError(
+            f"data.images_dir: {len(unknown)} image reference(s) of {data.source} are not in {Path(images_dir) / MAPPING_FILE}, "
+            f"e.g. {unknown[:3]}; run hierarcaps fetch-images {data.source} --output {images_dir}"
+        )
+    keep, skipped = [], Counter()
+    for j, ref in enumerate(data.image_refs):
+        status = fetched[ref].status if ref else "no_image_ref"
+        if status == OK:
+            keep.append(j)
+        else:
+            skipped[status] += 1
+    if not keep:
+        raise TrainDataError(f"data.images_dir: no item of {data.source} has a fetched image in {images_dir} (skipped: {dict(skipped)})")
+    kept = TrainData(
+        [data.ids[j] for j in keep], [data.positive[j] for j in keep], [data.negative[j] for j in keep],
+        [data.image_refs[j] for j in keep], data.source, excluded=data.excluded,
+    )
+    kept.texts, kept.index = index_texts(kept.positive, kept.negative)
+    return kept, [fetched[ref].location for ref in kept.image_refs], dict(sorted(skipped.items()))

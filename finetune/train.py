@@ -56,10 +56,11 @@ from torch import nn
 
 from finetune.backends import Backend, load_backend
 from finetune.config import IMAGE_LOSSES, FinetuneSettings, SettingsError, resolve, to_dict
-from finetune.data import TrainData, resolve_images
+from finetune.data import TrainData, images_for_training
 from finetune.geometry import normalize
 from finetune.losses import ec_loss, level_contrastive_loss, rcme_loss, re_loss
 from finetune.taxonomy_data import TaxonomyTrainData, load_settings_data, taxonomy_image_paths
+from hierarcaps.images import ImageLocation, open_image
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that fix the sequence of batches and updates; resuming with other values is refused.
@@ -149,7 +150,7 @@ def batch_plan(n_items: int, batch_size: int, epoch: int, seed: int, world: int 
 class _Items(torch.utils.data.Dataset):
     """Item index -> (index, RGB image or None); images load in DataLoader workers."""
 
-    def __init__(self, image_paths: list[Path] | None) -> None:
+    def __init__(self, image_paths: list[ImageLocation] | None) -> None:
         self.image_paths = image_paths
 
     def __len__(self) -> int:  # pragma: no cover - batches come from a batch sampler
@@ -158,9 +159,7 @@ class _Items(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[int, Any]:
         if self.image_paths is None:
             return j, None
-        from finetune.evaluation.common import open_rgb
-
-        return j, open_rgb(self.image_paths[j])
+        return j, open_image(self.image_paths[j])
 
 
 def _collate(batch: list[tuple[int, Any]]) -> tuple[list[int], list[Any] | None]:
@@ -418,7 +417,7 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
     output_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_settings_data(settings)
-    image_paths = None
+    image_paths, skipped = None, {}
     if settings.loss.name in IMAGE_LOSSES:
         if not settings.data.images_dir:
             raise SettingsError(
@@ -427,7 +426,7 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
         if isinstance(data, TaxonomyTrainData):
             image_paths = taxonomy_image_paths(data.image_refs, settings.data.images_dir)
         else:
-            image_paths = resolve_images(data, settings.data.images_dir)
+            data, image_paths, skipped = images_for_training(data, settings.data.images_dir)
 
     backend = load_backend(
         settings.model.backend, settings.model.name_or_path, device=accelerator.device,
@@ -482,6 +481,7 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
         "counts": {
             "items": len(data), "excluded_items": data.excluded, "unique_texts": len(data.texts), "levels": data.levels,
             **({"negatives_without_sibling": data.no_sibling} if isinstance(data, TaxonomyTrainData) else {}),
+            "skipped_items_without_image": sum(skipped.values()), "skipped_by_reason": skipped,
             "trainable_parameters": sum(p.numel() for p in params), "trainable_tensors": len(trainable),
             "processes": world, "micro_batches_per_epoch": micro_per_epoch,
             "optimizer_steps_per_epoch": steps_per_epoch, "total_optimizer_steps": total_steps,
