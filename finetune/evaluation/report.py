@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, open_rgb, resolve_image_refs, text_root, write_atomic
+from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.evaluation.retrieval import (
     RetrievalRun,
     global_thresholds,
@@ -70,13 +71,19 @@ def qualitative_set(
 
 
 def qualitative_chains(
-    encoder: Encoder, qset: QualitativeSet, steps: int = 50, draft_size: int | None = None
+    encoder: Encoder,
+    qset: QualitativeSet,
+    steps: int = 50,
+    draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> list[list[str]]:
     """Each image's predicted chain (general to specific) over the candidate texts."""
     with torch.no_grad():
         root = text_root(encoder)
         text_emb = encode_texts(encoder, qset.candidates)
-        image_emb = encode_image_files(encoder, qset.image_paths, draft_size=draft_size)
+        image_emb = encode_image_files(encoder, qset.image_paths, draft_size=draft_size, workers=workers,
+                                       cache=image_cache, model=getattr(encoder, "name", None))
     radii = radius(text_emb, root)
     thresholds = global_thresholds(radii, steps)
     chains: list[list[str]] = []
@@ -245,6 +252,8 @@ def qualitative_report(
     variant: str = "released",
     draft_size: int | None = None,
     embed_images: bool = False,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> dict[str, Path]:
     """The full report for one or more models (e.g. before and after fine-tuning).
 
@@ -260,8 +269,9 @@ def qualitative_report(
     qset = qualitative_set(test_rows, images_dir, candidates_csv, max_images)
     predictions, runs, written = [], [], {}
     for i, (label, encoder) in enumerate(encoders):
-        predictions.append((label, qualitative_chains(encoder, qset, steps, draft_size)))
-        run = run_retrieval(encoder, test_rows, images_dir, variant, steps, draft_size=draft_size)  # type: ignore[arg-type]
+        predictions.append((label, qualitative_chains(encoder, qset, steps, draft_size, workers, image_cache)))
+        run = run_retrieval(encoder, test_rows, images_dir, variant, steps, draft_size=draft_size,  # type: ignore[arg-type]
+                            workers=workers, image_cache=image_cache)
         runs.append((label, run))
         written[f"metrics_{i}"] = write_json(out_dir / f"metrics_{i}.json", run_metrics(run, model=label))
     written["radius_by_tier"] = plot_radius_by_tier(runs, out_dir / "radius_by_tier.png")

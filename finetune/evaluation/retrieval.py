@@ -47,6 +47,7 @@ from finetune.evaluation.common import (
     resolve_image_refs,
     text_root,
 )
+from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.geometry import radius
 from hierarcaps.formats import load_dataset_folder, read_release_csv
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
@@ -298,6 +299,7 @@ class RetrievalRun:
     root: torch.Tensor  # (D,)
     image_paths: list[Path] = field(default_factory=list)
     draft_size: int | None = None
+    image_cache: dict[str, Any] | None = None  # cache folder, hits, misses (None: no cache)
 
     def chains(self) -> list[list[str]]:
         """Predicted chain per unique image."""
@@ -363,22 +365,31 @@ def run_retrieval(
     text_batch_size: int = 256,
     image_batch_size: int = 64,
     draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> RetrievalRun:
     """Embed a test set in batches and run hierarchical retrieval (see :func:`retrieve`).
 
     ``draft_size``: fast approximate JPEG decoding (see ``common.open_rgb``); None decodes fully.
+    ``workers``: image-decoding processes (0: in this process); ``image_cache``: reuse the image
+    embeddings of an identical image tower (see ``image_cache``).
     """
     test = load_test_set(test_rows)
     cand = index_test_set(test)
     paths = resolve_image_refs(cand.images, Path(images_dir))
+    hits, misses = (image_cache.hits, image_cache.misses) if image_cache is not None else (0, 0)
     with torch.no_grad():
         root = text_root(encoder)
         text_emb = encode_texts(encoder, cand.texts, text_batch_size)
-        image_emb = encode_image_files(encoder, paths, image_batch_size, draft_size)
+        image_emb = encode_image_files(encoder, paths, image_batch_size, draft_size, workers, image_cache,
+                                       getattr(encoder, "name", None))
     out = retrieve(text_emb, image_emb, root, cand, variant, steps)
+    stats = None
+    if image_cache is not None:
+        stats = {"dir": str(image_cache.directory), "hits": image_cache.hits - hits, "misses": image_cache.misses - misses}
     return RetrievalRun(
         test, cand, variant, steps, out["radii"], out["predictions"], out["thresholds"],
-        out["precision"], out["recall"], out["tau"], text_emb, image_emb, root, paths, draft_size,
+        out["precision"], out["recall"], out["tau"], text_emb, image_emb, root, paths, draft_size, stats,
     )
 
 
@@ -397,6 +408,7 @@ def run_metrics(run: RetrievalRun, model: str | None = None, seconds: float | No
         "test_sha256": run.test.sha256,
         "test_sha256_of": run.test.sha256_of,
         "image_draft_size": run.draft_size,
+        "image_cache": run.image_cache,
         "seconds": seconds,
         "versions": package_versions(),
     }
@@ -412,16 +424,20 @@ def evaluate_retrieval(
     text_batch_size: int = 256,
     image_batch_size: int = 64,
     draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """HierarCaps hierarchical retrieval metrics of ``backend`` on ``test_rows``.
 
     ``test_rows``: a release CSV path, a saved dataset folder, a ``DatasetDict`` (its ``test``
-    split), a ``Dataset`` or a :class:`RetrievalSet`; ``images_dir``: folder with the test images.
+    split), a ``Dataset`` or a :class:`RetrievalSet`; ``images_dir``: folder with the test images;
+    ``workers``, ``image_cache``: as in :func:`run_retrieval`.
     Returns the metrics dict (``precision``, ``recall``, ``f1``, ``tau_d``, variant, model,
-    backend, test hash, counts, package versions).
+    backend, test hash, counts, image-cache hits, package versions).
     """
     start = time.perf_counter()
-    run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size, draft_size)
+    run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size, draft_size,
+                        workers, image_cache)
     metrics = run_metrics(run, model, round(time.perf_counter() - start, 3))
     metrics["backend"] = getattr(backend, "kind", type(backend).__name__)
     return metrics
