@@ -87,7 +87,7 @@ def test_text_fine_tune_reuses_cached_image_embeddings(tiny_hf_clip_dir, subset,
     moved = _retrieval(image_ft, subset, tmp_path / "img.json", "--image-cache", str(cache), "--workers", "0")
     assert sum(image_forwards) == 24 and moved["image_cache"]["misses"] == 24
     assert not list(cache.rglob(".*"))  # no temporary file left behind
-    assert len(list(cache.glob("*/tower.json"))) == 2 and len(list(cache.glob("*/*.npy"))) == 48
+    assert len(list(cache.glob("*/tower.json"))) == 2 and len(list(cache.glob("*/*.f32"))) == 48
 
 
 def test_changed_image_file_is_the_only_miss(tiny_open_clip_dir, tmp_path):
@@ -114,6 +114,11 @@ def test_changed_image_file_is_the_only_miss(tiny_open_clip_dir, tmp_path):
     # Another JPEG draft size decodes other pixels: a separate key.
     encode_image_files(backend, paths[:1], draft_size=64, cache=cache)
     assert cache.misses == 8
+    # A damaged entry (wrong size) is recomputed, not trusted.
+    entry = next(p for p in (tmp_path / "cache").rglob("*.f32"))
+    entry.write_bytes(entry.read_bytes()[:-4])
+    encode_image_files(backend, paths, batch_size=4, cache=cache)
+    assert cache.misses == 9 and entry.stat().st_size == 4 * first.shape[1]
 
 
 def test_unwritable_cache_folder_is_one_clear_error(tiny_hf_clip_dir, subset, tmp_path, capsys):

@@ -46,8 +46,17 @@ def text_root(encoder: Encoder) -> torch.Tensor:
 
 
 def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU."""
-    return encoder.encode_text(list(texts), batch_size=batch_size).float().cpu()
+    """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU, in input order.
+
+    Texts are encoded in order of length, so each batch pads to about its own texts' length
+    (test sets mix two-word tiers with long captions; unsorted, most batches pad to the longest).
+    """
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    emb = encoder.encode_text([texts[i] for i in order], batch_size=batch_size).float().cpu()
+    out = torch.empty_like(emb)
+    out[torch.as_tensor(order, dtype=torch.long)] = emb
+    return out
 
 
 def open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:

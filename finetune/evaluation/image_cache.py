@@ -4,12 +4,12 @@ Text-only fine-tuning (RE) leaves the image tower as it was, so the test images 
 vectors for every checkpoint, and decoding and embedding them is most of an evaluation's time.
 The cache keeps each image's normalised embedding (float32, exactly as computed) in
 
-    <cache dir>/<image-tower key>/<image file sha256>.npy
+    <cache dir>/<image-tower key>/<image file sha256>.f32     (D raw little-endian float32 values)
 
 where the image-tower key is a sha256 of the backend's :meth:`~finetune.backends.Backend.image_tower_fingerprint`
 (kind, device type, preprocessing, every image-tower tensor) and the JPEG draft size. A change to
 any of them, or to an image file's bytes, is a miss. ``tower.json`` beside the entries names the
-model the key was made from, for whoever cleans the folder. Entries are written to a temporary file
+model the key was made from and the embedding size D, for whoever cleans the folder. Entries are written to a temporary file
 and renamed, so an interrupted run leaves no partial entry; an unreadable entry is recomputed.
 
 The command line caches by default in ``$XDG_CACHE_HOME/hierarcaps/image-embeddings`` (``~/.cache``
@@ -73,17 +73,28 @@ class ImageEmbeddingCache:
         return hashlib.sha256(f"{fingerprint()}|draft={draft_size}".encode()).hexdigest()[:32]
 
     def _entry(self, tower: str, digest: str) -> Path:
-        return self.directory / tower / f"{digest}.npy"
+        return self.directory / tower / f"{digest}.f32"
+
+    def _dim(self, tower: str) -> int | None:
+        """Embedding size recorded in ``tower.json``, or None without a readable one."""
+        try:
+            return int(json.loads((self.directory / tower / "tower.json").read_text())["dim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def load(self, tower: str, digests: Sequence[str]) -> list[np.ndarray | None]:
-        """The cached embedding of each image digest under ``tower``, or None where there is none."""
+        """The cached embedding of each image digest under ``tower``, or None where there is none
+        (or where the entry does not hold exactly D float32 values)."""
+        dim = self._dim(tower)
         found: list[np.ndarray | None] = []
         for digest in digests:
-            try:
-                emb = np.load(self._entry(tower, digest), allow_pickle=False)
-            except (OSError, ValueError):
-                emb = None
-            found.append(emb if emb is not None and emb.ndim == 1 and emb.dtype == np.float32 else None)
+            emb = None
+            if dim is not None:
+                try:
+                    emb = np.fromfile(self._entry(tower, digest), dtype="<f4")
+                except OSError:
+                    pass
+            found.append(emb.astype(np.float32) if emb is not None and emb.shape == (dim,) else None)
         n_hits = sum(e is not None for e in found)
         self.hits += n_hits
         self.misses += len(found) - n_hits
@@ -93,11 +104,11 @@ class ImageEmbeddingCache:
         """Write one entry per image (atomically), and ``tower.json`` once per tower key."""
         folder = self.directory / tower
         folder.mkdir(parents=True, exist_ok=True)
-        info = folder / "tower.json"
-        if not info.exists():
-            _write_bytes(info, json.dumps({"model": model, "dim": int(embeddings.shape[1])}, indent=2).encode())
-        for digest, emb in zip(digests, np.asarray(embeddings, dtype=np.float32)):
-            _write_npy(self._entry(tower, digest), emb)
+        if self._dim(tower) is None:
+            info = {"model": model, "dim": int(embeddings.shape[1])}
+            _write_bytes(folder / "tower.json", json.dumps(info, indent=2).encode())
+        for digest, emb in zip(digests, np.asarray(embeddings, dtype="<f4")):
+            _write_bytes(self._entry(tower, digest), emb.tobytes())
 
     def stats(self) -> dict[str, Any]:
         """Folder, hits and misses, for a metrics JSON."""
@@ -110,18 +121,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    """Save ``array`` as ``.npy`` atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
