@@ -8,7 +8,7 @@ The tree (every key can be set in a file or with ``--set``)::
     optim.lr / batch_size / epochs / max_steps / betas / eps / weight_decay / scheduler /
           gradient_accumulation_steps / max_grad_norm
     run.output_dir / seed / mixed_precision / checkpoint_every / save_total_limit / resume / cpu
-    eval.test_source / images_dir / variant / hyperlex / wordnet_dir / batch_size  (Prefect flow)
+    eval.test_source / images_dir / variant / hyperlex / wordnet_dir / batch_size / image_cache  (Prefect flow)
 
 Settings left empty (``None``) take the paper default of the chosen loss when the run starts
 (:func:`resolve`): RE and EC use the HierarCaps recipe (AdamW, lr 1e-7, batch 8, constant
@@ -136,6 +136,7 @@ class EvalSettings:
     hyperlex: str = ""  # a HyperLex-format file (lexical entailment)
     wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet (hypernymy ordering)
     batch_size: int = 256
+    image_cache: str = ""  # image-embedding cache folder; empty: <run.output_dir>/eval/image-cache
 
 
 @dataclass

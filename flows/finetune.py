@@ -28,13 +28,16 @@ from hierarcaps.stagedir import SUCCESS
 def evaluate_task(backend_kind: str, model: str, settings: FinetuneSettings, out_dir: Path) -> dict[str, Any]:
     """Every benchmark configured in ``settings.eval`` for ``model``; metrics and plots go to ``out_dir``."""
     from finetune.backends import load_backend
+    from finetune.evaluation.common import default_workers
     from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
 
     backend = load_backend(backend_kind, model, device=_device(settings))
     e = settings.eval
+    # Before and after share the cache: after text-only training (RE) no test image is embedded again.
     suite = SuiteSettings(
         test_source=e.test_source, images_dir=e.images_dir, variant=e.variant, hyperlex=e.hyperlex,
-        wordnet_dir=e.wordnet_dir, text_batch_size=e.batch_size,
+        wordnet_dir=e.wordnet_dir, text_batch_size=e.batch_size, workers=default_workers(),
+        image_cache=e.image_cache or str(Path(out_dir).parent / "image-cache"),
     )
     return evaluate_checkpoint(backend, out_dir, suite, model=model)
 
