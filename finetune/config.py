@@ -11,7 +11,7 @@ The tree (every key can be set in a file or with ``--set``)::
           gradient_accumulation_steps / max_grad_norm
     run.output_dir / seed / mixed_precision / checkpoint_every / save_total_limit / resume / cpu
     eval.test_source / images_dir / variant / hyperlex / wordnet_dir / taxonomy_table /
-          taxonomy_images / batch_size  (Prefect flow)
+          taxonomy_images / batch_size / image_cache  (Prefect flow)
 
 Settings left empty (``None``) take the paper default of the chosen loss when the run starts
 (:func:`resolve`): RE and EC use the HierarCaps recipe (AdamW, lr 1e-7, batch 8, constant
@@ -159,6 +159,7 @@ class EvalSettings:
     taxonomy_table: str = ""  # a taxonomy table of test images (read with the taxonomy.* settings)
     taxonomy_images: str = ""  # the folder its image column is relative to
     batch_size: int = 256
+    image_cache: str = ""  # image-embedding cache folder; empty: <run.output_dir>/eval/image-cache
 
 
 @dataclass

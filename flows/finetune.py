@@ -28,14 +28,17 @@ from hierarcaps.settings import apply_override
 def evaluate_task(backend_kind: str, model: str, settings: FinetuneSettings, out_dir: Path) -> dict[str, Any]:
     """Every benchmark configured in ``settings.eval`` for ``model``; metrics and plots go to ``out_dir``."""
     from finetune.backends import load_backend
+    from finetune.evaluation.common import default_workers
     from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
 
     backend = load_backend(backend_kind, model, device=_device(settings))
     e = settings.eval
     t = settings.taxonomy
+    # Before and after share the cache: after text-only training (RE) no test image is embedded again.
     suite = SuiteSettings(
         test_source=e.test_source, images_dir=e.images_dir, variant=e.variant, hyperlex=e.hyperlex,
-        wordnet_dir=e.wordnet_dir, text_batch_size=e.batch_size,
+        wordnet_dir=e.wordnet_dir, text_batch_size=e.batch_size, workers=default_workers(),
+        image_cache=e.image_cache or str(Path(out_dir).parent / "image-cache"),
         taxonomy_table=e.taxonomy_table, taxonomy_images=e.taxonomy_images, taxonomy_ranks=tuple(t.ranks),
         taxonomy_image_column=t.image_column, taxonomy_common_name_column=t.common_name_column,
         taxonomy_style=t.style, taxonomy_template=t.template, taxonomy_root_text=t.root_text,

@@ -43,6 +43,29 @@ def _test_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder with the test images")
     p.add_argument("--draft-size", type=int, default=None,
                    help="decode JPEGs at reduced scale (>= N px); faster, approximate; default full decode")
+    _image_args(p)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: usable CPU cores, at most 8; 0: none)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--image-cache", default=None, metavar="DIR",
+                       help="image-embedding cache folder, reused while the image tower is unchanged "
+                            "(default: $XDG_CACHE_HOME/hierarcaps/image-embeddings)")
+    cache.add_argument("--no-image-cache", action="store_true", help="embed every image afresh, store nothing")
+
+
+def _image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``workers`` and ``image_cache`` keyword arguments from the command line."""
+    from finetune.evaluation.common import default_workers
+    from finetune.evaluation.image_cache import ImageEmbeddingCache, default_cache_dir
+
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    workers = default_workers() if args.workers is None else args.workers
+    cache = None if args.no_image_cache else ImageEmbeddingCache(args.image_cache or default_cache_dir())
+    return {"workers": workers, "image_cache": cache}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wordnet-dir", default="", help="a WordNet 3.0 dict folder, e.g. /usr/share/wordnet")
     p.add_argument("--variant", choices=("released", "paper"), default="released")
     p.add_argument("--draft-size", type=int, default=None)
+    _image_args(p)
     p.add_argument("--output-dir", required=True)
 
     p = sub.add_parser("compare", help="markdown table comparing metrics JSONs")
@@ -176,10 +200,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from finetune.evaluation.report import qualitative_report
 
+        options = _image_options(args)
         encoders = [(label, _load(args, model)) for label, model in map(_labelled, args.model)]
         written = qualitative_report(
             encoders, args.test_csv, args.images, args.output_dir, args.candidates, args.max_images,
-            args.steps, args.variant, args.draft_size, args.embed_images,
+            args.steps, args.variant, args.draft_size, args.embed_images, **options,
         )
         print(f"report written to {written['html']}")
         return 0
@@ -187,13 +212,14 @@ def run(args: argparse.Namespace) -> int:
         from finetune.evaluation.wordnet import wordnet_files
 
         wordnet_files(args.wordnet_dir)  # fail on missing data before loading the model
+    options = _image_options(args) if args.command in ("retrieval", "retention", "suite") else {}
     encoder = _load(args, args.model)
     start = time.perf_counter()
     if args.command == "retrieval":
         from finetune.evaluation.retrieval import evaluate_retrieval
 
         metrics = evaluate_retrieval(encoder, args.test_csv, args.images, args.variant, args.steps, args.model,
-                                     args.batch_size, args.image_batch_size, args.draft_size)
+                                     args.batch_size, args.image_batch_size, args.draft_size, **options)
     elif args.command == "lexical":
         from finetune.evaluation.lexical import evaluate_lexical
 
@@ -206,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "retention":
         from finetune.evaluation.retention import text_to_image_retrieval
 
-        metrics = text_to_image_retrieval(encoder, args.test_csv, args.images, model=args.model, draft_size=args.draft_size)
+        metrics = text_to_image_retrieval(encoder, args.test_csv, args.images, model=args.model, draft_size=args.draft_size,
+                                          **options)
     elif args.command == "zeroshot":
         from finetune.evaluation.retention import CIFAR_TEMPLATES, read_labels, zero_shot_classification
 
@@ -227,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
                                  taxonomy_ranks=tuple(_ranks(args.taxonomy_ranks)),
                                  taxonomy_style=args.taxonomy_style, taxonomy_template=args.taxonomy_template,
                                  taxonomy_root_text=args.taxonomy_root_text,
-                                 wordnet_dir=args.wordnet_dir, draft_size=args.draft_size)
+                                 wordnet_dir=args.wordnet_dir, draft_size=args.draft_size, workers=options["workers"],
+                                 image_cache=str(options["image_cache"].directory) if options["image_cache"] else "")
         result = evaluate_checkpoint(encoder, args.output_dir, settings, args.model)
         print(f"metrics written to {Path(args.output_dir) / 'metrics.json'} ({result['seconds']} s)")
         return 0

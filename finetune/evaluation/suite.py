@@ -40,6 +40,8 @@ class SuiteSettings:
     draft_size: int | None = None
     text_batch_size: int = 256
     image_batch_size: int = 64
+    workers: int = 0  # image-decoding worker processes
+    image_cache: str = ""  # image-embedding cache folder ("" = no cache); see finetune.evaluation.image_cache
 
 
 def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSettings, model: str | None = None) -> dict[str, Any]:
@@ -60,13 +62,17 @@ def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSe
     start = time.perf_counter()
     result: dict[str, Any] = {"model": model, "backend": getattr(encoder, "kind", None), "settings": asdict(s)}
     if s.test_source:
+        from finetune.evaluation.image_cache import ImageEmbeddingCache
+
+        cache = ImageEmbeddingCache(s.image_cache) if s.image_cache else None
         run = run_retrieval(encoder, s.test_source, s.images_dir, s.variant, s.steps,  # type: ignore[arg-type]
-                            s.text_batch_size, s.image_batch_size, s.draft_size)
+                            s.text_batch_size, s.image_batch_size, s.draft_size, s.workers, cache)
         result["hierarcaps"] = {k: v for k, v in run_metrics(run, model).items() if k != "versions"}
         label = model or "model"
         plot_radius_by_tier([(label, run)], out_dir / "radius_by_tier.png")
         plot_tau_histogram([(label, run)], out_dir / "tau_d_histogram.png")
-        result["retention"] = _strip(text_to_image_retrieval(encoder, s.test_source, s.images_dir, model=model, draft_size=s.draft_size))
+        result["retention"] = _strip(text_to_image_retrieval(encoder, s.test_source, s.images_dir, model=model,
+                                                             draft_size=s.draft_size, workers=s.workers, image_cache=cache))
     if s.hyperlex:
         result["hyperlex"] = _strip(evaluate_lexical(encoder, s.hyperlex, model=model))
     if s.zeroshot_labels and s.zeroshot_images:
