@@ -20,7 +20,6 @@ and returns the probabilities it decided on, for provenance.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from hierarcaps.models import ModelSpec, load_nli, nli_label_indices
+from hierarcaps.models import ModelSpec, load_nli, nli_label_indices, provenance_id
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -111,25 +110,12 @@ class _DiskCache:
         self.connection.close()
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """Short hash of a model folder's file names, sizes and mtimes (cache key for local models)."""
-    digest = hashlib.sha1()
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:12]
-
-
 def _default_model_id(model: Any) -> str:
-    """``id@revision`` for hub models, ``folder#fingerprint`` for local folders."""
+    """``id@revision`` for hub models, ``name#sha256:<content hash>`` for local folders (:func:`provenance_id`)."""
     spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
-    name = spec.name_or_path if spec else str(getattr(model.config, "_name_or_path", type(model).__name__))
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return f"{name}#{_folder_fingerprint(folder)}"
-    revision = (spec.revision if spec else None) or getattr(model.config, "_commit_hash", None)
-    return f"{name}@{revision}" if revision else name
+    if spec is None:
+        spec = ModelSpec(str(getattr(model.config, "_name_or_path", "") or type(model).__name__))
+    return provenance_id(spec, commit=getattr(model.config, "_commit_hash", None))
 
 
 class NLIScorer:
@@ -143,7 +129,8 @@ class NLIScorer:
         batch_size: pairs per forward pass.
         cache_path: optional SQLite file shared across runs and processes.
         model_id: cache key and provenance name; default ``id@revision`` (hub) or
-            ``folder#fingerprint`` (local folder, so a changed folder does not hit stale scores).
+            ``name#sha256:<content hash>`` (local folder, so a changed folder does not hit stale
+            scores, and the name says nothing of where the folder lies).
 
     Counters: ``forward_calls`` (model forward passes), ``pairs_scored`` (pairs run through
     the model), ``cache_hits`` (distinct pairs answered from a cache).

@@ -94,7 +94,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("completer", 2, ("augment",), ("completer",), ("completer",)),
         StageSpec("complete_train", 2, ("captions", "completer"), ("complete", "nli"), ("nli",), sharded=True),
         StageSpec("complete_test", 2, ("captions", "completer"), ("complete", "nli"), ("nli",), sharded=True),
-        StageSpec("negatives", 1, ("complete_train", "completer"), ("negatives", "nli"), ("nli",), sharded=True),
+        StageSpec("negatives", 2, ("complete_train", "completer"), ("negatives", "nli"), ("nli",), sharded=True),
         StageSpec(FINAL, 1, ("negatives", "complete_test"), ("output",), ()),
     )
 }
@@ -362,15 +362,21 @@ class Pipeline:
 
         return _MODELS.get(("nli", spec, settings.nli.template, settings.nli.decision), load)
 
-    def generator(self, role: str, spec: Any | None = None) -> Any:
-        """A :class:`~hierarcaps.generation.TextGenerator` over the model of ``role`` (cached per process)."""
+    def generator(self, role: str, spec: Any | None = None, name: str | None = None) -> Any:
+        """A :class:`~hierarcaps.generation.TextGenerator` over the model of ``role`` (cached per process).
+
+        Its ``model_id`` (what provenance records) is :func:`~hierarcaps.models.provenance_id`
+        of the spec; ``name`` names a local model (default: its folder's name).
+        """
         spec = spec or self.model_spec(role)
 
         def load() -> Any:
             from hierarcaps.generation import TextGenerator
+            from hierarcaps.models import provenance_id
 
             model, tokenizer = load_lm(spec)
-            return TextGenerator(model, tokenizer, model_id=spec.label)
+            model_id = provenance_id(spec, name, commit=getattr(model.config, "_commit_hash", None))
+            return TextGenerator(model, tokenizer, model_id=model_id)
 
         return _MODELS.get((role, spec), load)
 
@@ -469,7 +475,7 @@ def _completer_generator(pipe: Pipeline, stage: str) -> Any:
     base = pipe.model_spec("completer")
     folder = pipe.upstream_dir(stage, "completer") / "model"
     spec = ModelSpec(str(folder), dtype=base.dtype, device=base.device, batch_size=base.batch_size)
-    return pipe.generator("trained_completer", spec)
+    return pipe.generator("trained_completer", spec, name="completer")
 
 
 def _complete_shard(stage: str) -> Callable[..., tuple[list[dict[str, Any]], StageStats]]:

@@ -130,9 +130,10 @@ def test_disk_cache_is_shared_across_scorers(nli, tmp_path: Path) -> None:
     assert other_model.forward_calls == 1
 
 
-def test_model_id_of_local_folder_carries_a_fingerprint(nli, tiny_nli_dir: Path) -> None:
+def test_model_id_of_local_folder_is_its_name_and_content_hash(nli, tiny_nli_dir: Path) -> None:
     scorer = NLIScorer(*nli)
-    assert scorer.model_id.startswith(f"{tiny_nli_dir}#") and len(scorer.model_id.split("#")[1]) == 12
+    name, digest = scorer.model_id.split("#sha256:")
+    assert name == tiny_nli_dir.name and len(digest) == 16  # no absolute path in provenance
 
 
 def test_from_spec_uses_spec_batch_size(tiny_nli_dir: Path) -> None:
