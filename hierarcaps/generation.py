@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from hierarcaps.hierarchy import BACKWARD, FORWARD
+from hierarcaps.models import model_provenance_id
 
 NEWLINE = "\n"
 
@@ -59,7 +60,7 @@ class TextGenerator:
     Args:
         model: a transformers causal LM or encoder-decoder model (``model.generate``).
         tokenizer: its tokenizer; a missing pad token is set to the eos token.
-        model_id: name recorded in provenance (defaults to ``config._name_or_path``).
+        model_id: name recorded in provenance (default: :func:`~hierarcaps.models.model_provenance_id`).
         max_input_length: inputs longer than this many tokens are truncated (``None``: never).
         top_k, top_p: sampling filters; the defaults (0 and 1.0) mean plain temperature sampling.
         keep_tokens: special tokens kept in the decoded text (the hierarchy delimiters).
@@ -78,7 +79,7 @@ class TextGenerator:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.model_id = model_id or model_provenance_id(model)
         self.max_input_length = max_input_length
         self.top_k = top_k
         self.top_p = top_p

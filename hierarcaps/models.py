@@ -315,6 +315,14 @@ def provenance_id(spec: ModelSpec, name: str | None = None, commit: str | None =
     return f"{spec.name_or_path}@{revision}" if revision else spec.name_or_path
 
 
+def model_provenance_id(model: Any) -> str:
+    """:func:`provenance_id` of a loaded model: of its spec, else of ``config._name_or_path``."""
+    spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
+    if spec is None:
+        spec = ModelSpec(str(getattr(model.config, "_name_or_path", "") or type(model).__name__))
+    return provenance_id(spec, commit=getattr(model.config, "_commit_hash", None))
+
+
 def describe_model(model: Any) -> dict[str, Any]:
     """What was loaded, for manifests: id, revision, commit, class, dtype, device, parameters."""
     spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)

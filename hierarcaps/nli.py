@@ -28,7 +28,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from hierarcaps.models import ModelSpec, load_nli, nli_label_indices, provenance_id
+from hierarcaps.models import ModelSpec, load_nli, model_provenance_id, nli_label_indices
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -110,14 +110,6 @@ class _DiskCache:
         self.connection.close()
 
 
-def _default_model_id(model: Any) -> str:
-    """``id@revision`` for hub models, ``name#sha256:<content hash>`` for local folders (:func:`provenance_id`)."""
-    spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
-    if spec is None:
-        spec = ModelSpec(str(getattr(model.config, "_name_or_path", "") or type(model).__name__))
-    return provenance_id(spec, commit=getattr(model.config, "_commit_hash", None))
-
-
 class NLIScorer:
     """Score (premise, hypothesis) pairs with a 3-way NLI sequence classifier.
 
@@ -154,7 +146,7 @@ class NLIScorer:
         self.tokenizer = tokenizer
         self.template = template
         self.batch_size = batch_size
-        self.model_id = model_id or _default_model_id(model)
+        self.model_id = model_id or model_provenance_id(model)
         labels = nli_label_indices(model.config, f"NLI model {self.model_id!r}")
         self._label_index = [labels["entailment"], labels["neutral"], labels["contradiction"]]
         self._memory: dict[Pair, tuple[float, float, float]] = {}

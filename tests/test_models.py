@@ -172,3 +172,10 @@ def test_provenance_id_of_hub_models_is_id_at_revision() -> None:
     assert provenance_id(ModelSpec("org/model", revision="v1")) == "org/model@v1"
     assert provenance_id(ModelSpec("org/model"), commit="abc123") == "org/model@abc123"
     assert provenance_id(ModelSpec("org/model")) == "org/model"
+
+
+def test_a_generator_over_a_local_model_names_it_without_its_path(tiny_causal_lm_dir: Path) -> None:
+    from hierarcaps.generation import TextGenerator
+
+    generator = TextGenerator(*load_causal_lm(ModelSpec(str(tiny_causal_lm_dir), device="cpu")))
+    assert generator.model_id == f"{tiny_causal_lm_dir.name}#sha256:{content_hash(tiny_causal_lm_dir)}"
