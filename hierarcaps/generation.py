@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from hierarcaps.hierarchy import BACKWARD, FORWARD
+from hierarcaps.models import model_provenance_id
 
 NEWLINE = "\n"
 
@@ -123,7 +124,7 @@ class TextGenerator:
     Args:
         model: a transformers causal LM or encoder-decoder model (``model.generate``).
         tokenizer: its tokenizer; a missing pad token is set to the eos token.
-        model_id: name recorded in provenance (defaults to ``config._name_or_path``).
+        model_id: name recorded in provenance (default: :func:`~hierarcaps.models.model_provenance_id`).
         max_input_length: inputs longer than this many tokens are truncated (``None``: never).
         batch_size: at most this many sequences (prompts x samples) per ``model.generate``
             (``models.<role>.batch_size``); ``None``: each call is one ``model.generate``.
@@ -147,7 +148,7 @@ class TextGenerator:
         self.model = model
         self.tokenizer = tokenizer
         config = getattr(model, "config", None)
-        self.model_id = model_id or getattr(config, "_name_or_path", "") or type(model).__name__
+        self.model_id = model_id or model_provenance_id(model)
         self.max_input_length = max_input_length
         self.batch_size = batch_size
         self.keep_tokens = tuple(keep_tokens)

@@ -23,7 +23,6 @@ and returns the probabilities it decided on, for provenance.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from hierarcaps.models import ModelSpec, load_nli, nli_label_indices
+from hierarcaps.models import ModelSpec, load_nli, model_provenance_id, nli_label_indices
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -117,32 +116,11 @@ class _DiskCache:
         self.connection.close()
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """Short hash of a model folder's file names, sizes and mtimes (cache key for local models)."""
-    digest = hashlib.sha1()
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:12]
-
-
 def _model_dtype(model: Any) -> str:
     """The dtype the model computes in (``float32``, ``bfloat16``, ...), plus its quantization if any."""
     dtype = str(getattr(model, "dtype", None) or next(model.parameters()).dtype).removeprefix("torch.")
     spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
     return f"{dtype}+{spec.quantization}" if spec is not None and spec.quantization else dtype
-
-
-def _default_model_id(model: Any) -> str:
-    """``id@revision`` for hub models, ``folder#fingerprint`` for local folders."""
-    spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
-    name = spec.name_or_path if spec else str(getattr(model.config, "_name_or_path", type(model).__name__))
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return f"{name}#{_folder_fingerprint(folder)}"
-    revision = (spec.revision if spec else None) or getattr(model.config, "_commit_hash", None)
-    return f"{name}@{revision}" if revision else name
 
 
 class NLIScorer:
@@ -159,7 +137,8 @@ class NLIScorer:
             runs alone.
         cache_path: optional SQLite file shared across runs and processes.
         model_id: cache key and provenance name; default ``id@revision`` (hub) or
-            ``folder#fingerprint`` (local folder, so a changed folder does not hit stale scores).
+            ``name#sha256:<content hash>`` (local folder, so a changed folder does not hit stale
+            scores, and the name says nothing of where the folder lies).
 
     Counters: ``forward_calls`` (model forward passes), ``pairs_scored`` (pairs run through
     the model), ``cache_hits`` (distinct pairs answered from a cache), ``padded_tokens``
@@ -189,7 +168,7 @@ class NLIScorer:
         self.template = template
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens or None
-        self.model_id = model_id or _default_model_id(model)
+        self.model_id = model_id or model_provenance_id(model)
         labels = nli_label_indices(model.config, f"NLI model {self.model_id!r}")
         self.cache_key = f"{self.model_id}|{_model_dtype(model)}"
         self._label_index = [labels["entailment"], labels["neutral"], labels["contradiction"]]

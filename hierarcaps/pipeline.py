@@ -100,7 +100,7 @@ STAGES: dict[str, StageSpec] = {
                   sharded=True),
         StageSpec("complete_test", 2, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
                   sharded=True),
-        StageSpec("negatives", 1, ("complete_train", "completer"), ("negatives", "nli", "generation"), ("nli",),
+        StageSpec("negatives", 2, ("complete_train", "completer"), ("negatives", "nli", "generation"), ("nli",),
                   sharded=True),
         StageSpec(FINAL, 1, ("negatives", "complete_test"), ("output",), ()),
     )
@@ -393,9 +393,11 @@ class Pipeline:
             return g.completer_backend
         return "hf" if g.backend == "hf" or is_encoder_decoder(spec) else g.backend
 
-    def generator(self, role: str, spec: Any | None = None) -> Any:
+    def generator(self, role: str, spec: Any | None = None, name: str | None = None) -> Any:
         """A :class:`~hierarcaps.generation.TextGenerator` over the model of ``role`` (cached per process).
 
+        Its ``model_id`` (what provenance records) is :func:`~hierarcaps.models.provenance_id`
+        of the spec; ``name`` names a local model (default: its folder's name).
         ``models.<role>.batch_size`` caps the sequences per model call; the library is
         :meth:`backend` (vLLM: :class:`hierarcaps.vllm_backend.VLLMGenerator`).
         """
@@ -403,14 +405,19 @@ class Pipeline:
         backend = self.backend(role, spec)
 
         def load() -> Any:
+            from hierarcaps.models import provenance_id
+
             if backend == "vllm":
                 from hierarcaps.vllm_backend import VLLMGenerator
 
-                return VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}")
+                generator = VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}")
+                generator.model_id = provenance_id(spec, name)
+                return generator
             from hierarcaps.generation import TextGenerator
 
             model, tokenizer = load_lm(spec)
-            return TextGenerator(model, tokenizer, model_id=spec.label, batch_size=spec.batch_size)
+            model_id = provenance_id(spec, name, commit=getattr(model.config, "_commit_hash", None))
+            return TextGenerator(model, tokenizer, model_id=model_id, batch_size=spec.batch_size)
 
         return _MODELS.get((role, spec, backend), self._naming_setting(role, load))
 
@@ -552,7 +559,7 @@ def _completer_generator(pipe: Pipeline, stage: str) -> Any:
     base = pipe.model_spec("completer")
     folder = pipe.upstream_dir(stage, "completer") / "model"
     spec = ModelSpec(str(folder), dtype=base.dtype, device=base.device, batch_size=base.batch_size)
-    return pipe.generator("trained_completer", spec)
+    return pipe.generator("trained_completer", spec, name="completer")
 
 
 def _complete_shard(stage: str) -> Callable[..., tuple[list[dict[str, Any]], StageStats]]:

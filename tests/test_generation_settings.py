@@ -74,7 +74,7 @@ def test_settings_rerun_the_stages_they_change_and_no_others(tmp_path) -> None:
 @pytest.mark.parametrize("override, message", [
     ("seeds.top_k=0", "seeds.top_k must be at least 1"),
     ("complete.top_p=1.5", r"complete.top_p must be in \(0, 1\]"),
-    ("augment.temperature=0", "augment.temperature must be > 0"),
+    ("augment.temperature=0", "augment.temperature must be greater than 0"),
     ("generation.backend=tgi", "generation.backend must be one of hf, vllm"),
     ("generation.completer_backend=x", "generation.completer_backend must be one of hf, vllm"),
     ("models.nli.batch_size=none", "models.nli.batch_size cannot be none"),

@@ -187,9 +187,10 @@ def test_pair_longer_than_budget_runs_alone(tiny_nli_dir: Path) -> None:
         NLIScorer(model, tokenizer, max_batch_tokens=-1)
 
 
-def test_model_id_of_local_folder_carries_a_fingerprint(nli, tiny_nli_dir: Path) -> None:
+def test_model_id_of_local_folder_is_its_name_and_content_hash(nli, tiny_nli_dir: Path) -> None:
     scorer = NLIScorer(*nli)
-    assert scorer.model_id.startswith(f"{tiny_nli_dir}#") and len(scorer.model_id.split("#")[1]) == 12
+    name, digest = scorer.model_id.split("#sha256:")
+    assert name == tiny_nli_dir.name and len(digest) == 16  # no absolute path in provenance
 
 
 def test_from_spec_uses_spec_batch_size(tiny_nli_dir: Path) -> None:

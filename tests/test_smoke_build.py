@@ -9,6 +9,7 @@ a dataset card and a manifest that say it is a plumbing check.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -19,9 +20,16 @@ from hierarcaps.settings import resolve_settings
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_profile_builds_a_dataset_with_card_and_manifest(tmp_path):
-    Pipeline(resolve_settings("smoke"), tmp_path).run()
-    final = tmp_path / "final"
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory) -> Path:
+    """One smoke-profile build (a few minutes on 2 CPU cores), shared by the tests of this module."""
+    out = tmp_path_factory.mktemp("smoke")
+    Pipeline(resolve_settings("smoke"), out).run()
+    return out
+
+
+def test_smoke_profile_builds_a_dataset_with_card_and_manifest(smoke_build):
+    final = smoke_build / "final"
     assert (final / "_SUCCESS").is_file()
     built = datasets.load_from_disk(str(final / "dataset"))
     assert len(built["train"]) > 0 and len(built["test"]) > 0
@@ -42,3 +50,34 @@ def test_smoke_profile_builds_a_dataset_with_card_and_manifest(tmp_path):
         if name != "augment":
             assert extra["nli_pairs_scored"] > 0 and rates["pairs_per_s"] > 0
     assert "## Throughput" in card and "generated tokens/s" in card
+
+
+def test_a_second_build_elsewhere_interrupted_and_resumed_gives_byte_identical_dataset_files(smoke_build, tmp_path):
+    """Issue 9 item 5: provenance names models by hub id or content hash, never by path or mtime.
+
+    Build ``a`` (the shared smoke build); build ``b`` in another folder, stopped after ``complete_train`` and resumed by a
+    new pipeline. ``b`` gets ``a``'s primed tiny models copied with fresh mtimes (priming them again
+    would only repeat ``a``'s minutes of work; by hand, two fully independent smoke builds gave the
+    same bytes too). Every dataset file (Arrow, Parquet, release CSV, dataset JSON) is the same
+    byte for byte, ``provenance`` included; only the card and manifest differ (timings, dates).
+    """
+    import shutil
+
+    from hierarcaps.pipeline import ORDER, TINY_MODELS_DIR, release_models
+
+    settings = resolve_settings("smoke")
+    shutil.copytree(smoke_build / TINY_MODELS_DIR, tmp_path / "b" / TINY_MODELS_DIR, copy_function=shutil.copy)
+    interrupted = Pipeline(settings, tmp_path / "b")
+    for name in ORDER[:ORDER.index("complete_train") + 1]:
+        interrupted.run_stage(name)
+    release_models()
+    Pipeline(settings, tmp_path / "b").run()
+    final_a, final_b = smoke_build / "final", tmp_path / "b" / "final"
+    files = sorted(p.relative_to(final_a) for p in final_a.rglob("*")
+                   if p.is_file() and p.parent != final_a)  # dataset/, data/, release/
+    assert {"dataset/train/data-00000-of-00001.arrow", "data/train-00000-of-00001.parquet",
+            "release/train.csv"} <= {p.as_posix() for p in files}
+    for rel in files:
+        assert (final_a / rel).read_bytes() == (final_b / rel).read_bytes(), rel
+    provenance = datasets.load_from_disk(str(final_b / "dataset"))["train"][0]["provenance"]
+    assert "completer#sha256:" in provenance and str(tmp_path) not in provenance and str(smoke_build) not in provenance
