@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The test models are tiny: one intra-op thread beats thread hand-offs on a 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Commands that cache image embeddings by default do so in a session folder, not in ~/.cache.
+os.environ.setdefault("HIERARCAPS_IMAGE_CACHE", tempfile.mkdtemp(prefix="hierarcaps-image-cache-"))
 # Prefect's ephemeral API server may take longer than its 20 s default to start on a loaded machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 

@@ -131,3 +131,15 @@ def test_unwritable_cache_folder_is_one_clear_error(tiny_hf_clip_dir, subset, tm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "image cache folder" in err and "--no-image-cache" in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_cache_folder(monkeypatch, tmp_path):
+    from finetune.evaluation.image_cache import default_cache_dir
+
+    monkeypatch.delenv("HIERARCAPS_IMAGE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "hierarcaps" / "image-embeddings"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "hierarcaps" / "image-embeddings"
+    monkeypatch.setenv("HIERARCAPS_IMAGE_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"

@@ -52,7 +52,7 @@ def _image_args(p: argparse.ArgumentParser) -> None:
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--image-cache", default=None, metavar="DIR",
                        help="image-embedding cache folder, reused while the image tower is unchanged "
-                            "(default: $XDG_CACHE_HOME/hierarcaps/image-embeddings)")
+                            "(default: $HIERARCAPS_IMAGE_CACHE, else $XDG_CACHE_HOME/hierarcaps/image-embeddings)")
     cache.add_argument("--no-image-cache", action="store_true", help="embed every image afresh, store nothing")
 
 

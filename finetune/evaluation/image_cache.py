@@ -12,8 +12,9 @@ any of them, or to an image file's bytes, is a miss. ``tower.json`` beside the e
 model the key was made from and the embedding size D, for whoever cleans the folder. Entries are written to a temporary file
 and renamed, so an interrupted run leaves no partial entry; an unreadable entry is recomputed.
 
-The command line caches by default in ``$XDG_CACHE_HOME/hierarcaps/image-embeddings`` (``~/.cache``
-without XDG); ``--image-cache DIR`` moves it and ``--no-image-cache`` turns it off. The Python
+The command line caches by default in ``$HIERARCAPS_IMAGE_CACHE`` or else
+``$XDG_CACHE_HOME/hierarcaps/image-embeddings`` (``~/.cache`` without XDG); ``--image-cache DIR``
+moves it and ``--no-image-cache`` turns it off. The Python
 functions cache only when given an :class:`ImageEmbeddingCache`.
 """
 
@@ -34,7 +35,10 @@ from finetune.evaluation.common import file_sha256
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/hierarcaps/image-embeddings``, or ``~/.cache/...`` without XDG_CACHE_HOME."""
+    """``$HIERARCAPS_IMAGE_CACHE`` if set, else ``$XDG_CACHE_HOME/hierarcaps/image-embeddings``
+    (``~/.cache/...`` without XDG_CACHE_HOME)."""
+    if os.environ.get("HIERARCAPS_IMAGE_CACHE"):
+        return Path(os.environ["HIERARCAPS_IMAGE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "hierarcaps" / "image-embeddings"
 
