@@ -28,12 +28,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hierarcaps.formats import convert
 from hierarcaps.schema import RELEASE_LAYOUTS, SchemaError
-from hierarcaps.tiny_models import KINDS, build_tiny_model
 
 
 def _parser() -> argparse.ArgumentParser:
+    from hierarcaps.tiny_models import KINDS  # imports torch: not for `hierarcaps review`
+
     parser = argparse.ArgumentParser(prog="hierarcaps", description="HierarCaps dataset utilities.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conv = commands.add_parser(
@@ -62,11 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("kind", metavar="KIND", choices=KINDS, help=f"one of: {', '.join(KINDS)}")
     tiny.add_argument("output", metavar="OUT", help="folder to create (must not exist or be empty)")
-    review = commands.add_parser(
-        "review",
-        help="judge built hierarchies in a local web page (then: review export)",
-        description="Serve a local page to review a split item by item: per-tier verdicts, edits, accept/fix/reject. "
-        "`hierarcaps review export SOURCE` writes the curated split and the agreement statistics.",
+    _review_parser(commands.add_parser("review", help="judge built hierarchies in a local web page (then: review export)"))
+    return parser
+
+
+def _review_parser(review: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    review.description = (
+        "Serve a local page to review a split item by item: per-tier verdicts, edits, accept/fix/reject. "
+        "`hierarcaps review export SOURCE` writes the curated split and the agreement statistics."
     )
     _review_arguments(review)
     review.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port; default 8765)")
@@ -75,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         help="address to listen on (default 127.0.0.1, this machine only; anyone with the URL's token can write verdicts)",
     )
     review.add_argument("--images", help="folder with the images (file names as in the URLs, or an img2dataset folder)")
-    return parser
+    return review
 
 
 def _review_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +109,8 @@ def _review(argv: Sequence[str]) -> int:
     from hierarcaps.review.store import ReviewError
 
     exporting = bool(argv) and argv[0] == "export"
-    args = (_export_parser() if exporting else _parser()).parse_args(argv[1:] if exporting else ["review", *argv])
+    parser = _export_parser() if exporting else _review_parser(argparse.ArgumentParser(prog="hierarcaps review"))
+    args = parser.parse_args(argv[1:] if exporting else argv)
     name = "hierarcaps review export" if exporting else "hierarcaps review"
     try:
         source = resolve_source(args.source, args.split)
@@ -139,6 +143,8 @@ def _review(argv: Sequence[str]) -> int:
 
 
 def _tiny_model(kind: str, output: str) -> int:
+    from hierarcaps.tiny_models import build_tiny_model
+
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         print(f"hierarcaps tiny-model: error: {out} is not empty; choose a new folder", file=sys.stderr)
@@ -157,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tiny-model":
         return _tiny_model(args.kind, args.output)
     if args.command == "convert":
+        from hierarcaps.formats import convert
+
         try:
             result = convert(args.input, args.output, args.split, layout=args.layout, overwrite=args.overwrite)
         except SchemaError as err:

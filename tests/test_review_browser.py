@@ -19,6 +19,7 @@ from typing import Iterator
 
 import pytest
 
+from hierarcaps.cli import main
 from hierarcaps.review.export import wilson_interval
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -92,13 +93,9 @@ def _states(page: "sync_api.Page", total: int) -> list[dict]:
     )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hierarcaps.cli", *args], env=ENV, capture_output=True, text=True)
-
-
 @pytest.mark.skipif(not (CURATED.is_file() and TEST_IMAGES.is_dir()),
                     reason=f"the authors' curated test CSV and images are not at {RELEASE_DIR}")
-def test_review_real_test_items_with_keyboard_survives_kill_and_exports(browser, tmp_path: Path) -> None:
+def test_review_real_test_items_with_keyboard_survives_kill_and_exports(browser, tmp_path: Path, capsys) -> None:
     db = tmp_path / "review.sqlite"
     args = [str(CURATED), "--split", "test", "--sample", "3", "--seed", "7", "--db", str(db)]
     server = ReviewServer([*args, "--images", str(TEST_IMAGES)])
@@ -170,8 +167,7 @@ def test_review_real_test_items_with_keyboard_survives_kill_and_exports(browser,
 
     # export: fixes applied, the rejected item dropped, statistics as judged
     out = tmp_path / "export"
-    done = _cli("review", "export", *args, "--output", str(out))
-    assert done.returncode == 0, done.stderr
+    assert main(["review", "export", *args, "--output", str(out)]) == 0
     lines = (out / "test.csv").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "id,captions,image_url" and len(lines) == 3
     assert lines[2].split(" => ")[1] == "reviewed tier two"
@@ -182,10 +178,10 @@ def test_review_real_test_items_with_keyboard_survives_kill_and_exports(browser,
         "T1": (2, 2), "T2": (1, 2), "T3": (2, 3), "T4": (2, 2)
     }
     assert stats["tiers"]["T2"]["ci95"] == pytest.approx(wilson_interval(1, 2))
-    assert "fully valid 1/3 = 33.3%" in done.stdout
+    assert "fully valid 1/3 = 33.3% (95% Wilson CI 6.1-79.2%)" in capsys.readouterr().out
     # the export round-trips through hierarcaps convert
-    assert _cli("convert", str(out / "test.csv"), str(tmp_path / "ds")).returncode == 0
-    assert _cli("convert", str(tmp_path / "ds"), str(tmp_path / "back.csv")).returncode == 0
+    assert main(["convert", str(out / "test.csv"), str(tmp_path / "ds")]) == 0
+    assert main(["convert", str(tmp_path / "ds"), str(tmp_path / "back.csv")]) == 0
     assert (tmp_path / "back.csv").read_bytes() == (out / "test.csv").read_bytes()
 
 
@@ -223,8 +219,7 @@ def test_review_smoke_build_train_items_and_card(browser, smoke_build_dir: Path,
     server.kill()
     assert (build / "review" / "train.sqlite").is_file()  # beside the build
 
-    done = _cli("review", "export", *args)
-    assert done.returncode == 0, done.stderr
+    assert main(["review", "export", *args]) == 0
     exported = (build / "review" / "export-train" / "train.csv").read_text(encoding="utf-8").splitlines()
     assert exported[0] == "id,positive,negative,image_url" and len(exported) == 2
     card = (build / "final" / "README.md").read_text(encoding="utf-8")

@@ -13,15 +13,13 @@ import json
 import datasets
 import pytest
 
-from hierarcaps.pipeline import Pipeline
-from hierarcaps.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_profile_builds_a_dataset_with_card_and_manifest(tmp_path):
-    Pipeline(resolve_settings("smoke"), tmp_path).run()
-    final = tmp_path / "final"
+def test_smoke_profile_builds_a_dataset_with_card_and_manifest(smoke_build_dir):
+    # the session fixture runs Pipeline(resolve_settings("smoke"), ...).run() once for every test that needs a build
+    final = smoke_build_dir / "final"
     assert (final / "_SUCCESS").is_file()
     built = datasets.load_from_disk(str(final / "dataset"))
     assert len(built["train"]) > 0 and len(built["test"]) > 0
