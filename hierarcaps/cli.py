@@ -114,7 +114,10 @@ def _review(argv: Sequence[str]) -> int:
     name = "hierarcaps review export" if exporting else "hierarcaps review"
     try:
         source = resolve_source(args.source, args.split)
-        store = open_review(source, Path(args.db) if args.db else None, args.sample, args.seed)
+        db = Path(args.db) if args.db else source.default_db()
+        if exporting and not db.is_file():
+            raise ReviewError(f"{db}: no review database; review first with `hierarcaps review {args.source} ...`")
+        store = open_review(source, db, args.sample, args.seed)
         if exporting:
             from hierarcaps.review.export import export_review
 

@@ -202,6 +202,9 @@ def test_cli_errors_are_one_line_and_status_2(csv_path: Path, tmp_path: Path, ca
     assert "no such build, dataset folder or release CSV" in capsys.readouterr().err
     assert main(["review", str(csv_path), "--sample", "9"]) == 2
     assert "--sample 9: the split has 4 items" in capsys.readouterr().err
+    assert main(["review", "export", str(csv_path), "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert "none.sqlite: no review database; review first" in capsys.readouterr().err
+    assert not (tmp_path / "none.sqlite").exists()
     # a database started for one sample refuses another
     db = tmp_path / "r.sqlite"
     open_review(resolve_source(csv_path, "test"), db, 2, 0)

@@ -208,6 +208,16 @@ def test_review_smoke_build_train_items_and_card(browser, smoke_build_dir: Path,
     page.wait_for_function("() => document.getElementById('image').complete")
     assert page.evaluate("document.getElementById('image').naturalWidth") == 64
     _screenshot(page, tmp_path, "review-smoke-train.png")
+    # a second tab judges T1 first: the first tab's stale action is refused and it shows the new state
+    other = browser.new_page()
+    other.goto(server.url)
+    _wait_item(other, 0, "open")
+    other.keyboard.press("v")
+    sync_api.expect(other.locator("#tier-1")).to_have_attribute("data-verdict", "valid")
+    page.keyboard.press("c")
+    sync_api.expect(page.locator("#message")).to_contain_text("changed since this page loaded it")
+    sync_api.expect(page.locator("#tier-1")).to_have_attribute("data-verdict", "valid")
+    page.keyboard.press("1")
     page.keyboard.press("c")  # T1's negative does not contradict it
     sync_api.expect(page.locator("#tier-1")).to_have_attribute("data-verdict", "contradiction_fails")
     page.keyboard.press("a")
