@@ -178,7 +178,7 @@ def test_api_needs_token_and_answers_errors_as_json(store: ReviewStore, tmp_path
     assert item["positive"][0] == "animal" and item["image"] == "api/items/0/image"
     assert client.get("/api/items/0/image", params={"token": "secret"}).content.startswith(b"\xff\xd8")
     missing = client.get("/api/items/1/image", headers=head)
-    assert missing.status_code == 404 and "no local file for image" in missing.json()["error"]
+    assert missing.status_code == 404 and "is not available locally (pass --images DIR)" in missing.json()["error"]
     unknown = client.post("/api/items/9/verdict", headers=head, json={"tier": 1, "verdict": "valid"})
     assert unknown.status_code == 404 and unknown.json() == {"error": "no item 9: this review has 4 items, 0..3"}
     empty = client.post("/api/items/0/edit", headers=head, json={"tier": 2, "text": ""})
@@ -227,3 +227,37 @@ def test_train_items_show_negatives_and_take_contradiction_verdicts(tmp_path: Pa
     with pytest.raises(ReviewError, match="every decided item was rejected"):
         export_review(store, tmp_path / "out")
     assert read_release_csv(path).num_rows == 1
+
+
+def test_images_from_a_fetch_images_mapping_files_tar_members_and_failures(store: ReviewStore, tmp_path: Path) -> None:
+    """A folder as ``hierarcaps fetch-images`` writes it: ``images.parquet`` maps refs to files or tar members."""
+    import io
+    import tarfile
+
+    import pandas as pd
+
+    fetched = tmp_path / "fetched"
+    (fetched / "shards" / "00000").mkdir(parents=True)
+    (fetched / "shards" / "00000" / "000000000.jpg").write_bytes(b"\xff\xd8 file image")
+    member = b"\xff\xd8 tar member image"
+    with tarfile.open(fetched / "shards" / "00001.tar", "w") as tar:
+        info = tarfile.TarInfo("000010000.jpg")
+        info.size = len(member)
+        tar.addfile(info, io.BytesIO(member))
+    with tarfile.open(fetched / "shards" / "00001.tar") as tar:
+        offset = tar.getmember("000010000.jpg").offset_data
+    refs = [r["image_ref"] for r in store.rows]
+    pd.DataFrame({
+        "image_ref": refs,
+        "status": ["ok", "ok", "not_found", "ok"],
+        "path": ["shards/00000/000000000.jpg", "shards/00001.tar", None, "shards/00000/000000000.jpg"],
+        "offset": pd.array([None, offset, None, None], dtype="Int64"),
+        "size": pd.array([None, len(member), None, None], dtype="Int64"),
+    }).to_parquet(fetched / "images.parquet")
+    client = TestClient(create_app(store, ImageIndex(fetched), "t"))
+    assert client.get("/api/items/0/image?token=t").content == b"\xff\xd8 file image"
+    answer = client.get("/api/items/1/image?token=t")
+    assert answer.content == member and answer.headers["content-type"] == "image/jpeg"
+    failed = client.get("/api/items/2?token=t").json()
+    assert failed["image"] is None and failed["image_missing"] == "fetch-images could not fetch it (not_found)"
+    assert "not_found" in client.get("/api/items/2/image?token=t").json()["error"]

@@ -23,10 +23,10 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from hierarcaps.review.items import ImageIndex
+from hierarcaps.review.items import ImageIndex, TarImage
 from hierarcaps.review.store import ItemState, ReviewError, ReviewStore, UnknownItemError
 
 TOKEN_HEADER = "X-Review-Token"
@@ -89,11 +89,14 @@ def create_app(store: ReviewStore, images: ImageIndex, token: str) -> FastAPI:
         return _item(store, images, index)
 
     @app.get("/api/items/{index}/image")
-    def image(index: int) -> FileResponse:
-        path = images.find(store.row(index)["image_ref"])
-        if path is None:
-            raise UnknownItemError(f"item {index}: no local file for image {store.row(index)['image_ref']!r}")
-        return FileResponse(path)
+    def image(index: int) -> Response:
+        ref = store.row(index)["image_ref"]
+        found = images.find(ref)
+        if found is None:
+            raise UnknownItemError(f"item {index}: image {ref!r} is {images.missing_reason(ref)}")
+        if isinstance(found, TarImage):
+            return Response(found.read(), media_type="image/jpeg")  # fetch-images stores JPEG
+        return FileResponse(found)
 
     @app.post("/api/items/{index}/verdict")
     def verdict(index: int, body: VerdictBody) -> dict[str, Any]:
@@ -128,6 +131,7 @@ def _item(store: ReviewStore, images: ImageIndex, index: int, state: ItemState |
         "caption": row["caption"],
         "image_ref": row["image_ref"],
         "image": f"api/items/{index}/image" if has_image else None,
+        "image_missing": None if has_image else images.missing_reason(row["image_ref"]),
         "state": state.to_dict(),
         "progress": store.progress(),
     }

@@ -6,15 +6,17 @@
 ``BUILD/review/<split>.sqlite`` for a build, ``<folder>.review-<split>.sqlite`` beside a dataset
 folder or CSV.
 
-Images: a reference is shown from ``--images DIR`` when a file there has its base name, the same
-COCO image id, or (for folders written by img2dataset, as ``hierarcaps fetch-images`` does) a
-sidecar ``.json`` whose ``url`` is the reference; else from the reference itself when it is a
-local file path. Otherwise the page says the image is not available locally.
+Images: when ``--images DIR`` was written by ``hierarcaps fetch-images`` (it holds the mapping
+``images.parquet``: image_ref, status, path relative to DIR, and offset/size for images inside a
+webdataset tar shard), a reference is shown from its mapped file or tar member, and a failed
+fetch is reported with its reason. In any other folder a reference is shown from the file with
+its base name or the same COCO image id (the layout of the authors' ``test_imgs``). A reference
+that is itself a local file path is shown as is. Otherwise the page says the image is not
+available locally.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -28,6 +30,23 @@ from hierarcaps.review.store import ReviewError
 FINAL_DATASET = Path("final") / "dataset"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 _COCO_ID = re.compile(r"COCO_[a-z0-9]+_0*(\d+)\.", re.IGNORECASE)
+
+
+FETCH_MAPPING = "images.parquet"
+
+
+@dataclass(frozen=True)
+class TarImage:
+    """An image stored inside a webdataset tar shard of ``hierarcaps fetch-images``, at a byte offset."""
+
+    tar: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.size)
 
 
 @dataclass(frozen=True)
@@ -92,38 +111,49 @@ class ImageIndex:
     def __init__(self, images_dir: Path | None, base_dir: Path | None = None):
         self.by_name: dict[str, Path] = {}
         self.by_coco_id: dict[int, Path] = {}
-        self.by_url: dict[str, Path] = {}
+        self.fetched: dict[str, Path | TarImage | str] = {}  # image_ref -> location, or the failure reason
         self.base_dir = base_dir
         if images_dir is None:
             return
         images_dir = Path(images_dir)
         if not images_dir.is_dir():
             raise ReviewError(f"--images {images_dir}: no such folder")
-        for path in sorted(images_dir.rglob("*")):
-            suffix = path.suffix.lower()
-            if suffix in IMAGE_SUFFIXES:
-                self.by_name.setdefault(path.name, path)
-                match = _COCO_ID.search(path.name)
-                if match:
-                    self.by_coco_id.setdefault(int(match.group(1)), path)
-            elif suffix == ".json":
-                self._add_sidecar(path)
-
-    def _add_sidecar(self, sidecar: Path) -> None:
-        try:
-            url = json.loads(sidecar.read_text(encoding="utf-8")).get("url")
-        except (ValueError, OSError, AttributeError):
+        if (images_dir / FETCH_MAPPING).is_file():
+            self._read_mapping(images_dir.resolve())
             return
-        for suffix in IMAGE_SUFFIXES:
-            image = sidecar.with_suffix(suffix)
-            if isinstance(url, str) and image.is_file():
-                self.by_url[url] = image
-                return
+        for path in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            self.by_name.setdefault(path.name, path)
+            match = _COCO_ID.search(path.name)
+            if match:
+                self.by_coco_id.setdefault(int(match.group(1)), path)
 
-    def find(self, ref: str) -> Path | None:
-        """The local file of an image reference, or ``None``."""
-        if ref in self.by_url:
-            return self.by_url[ref]
+    def _read_mapping(self, folder: Path) -> None:
+        import pandas as pd
+
+        try:
+            table = pd.read_parquet(folder / FETCH_MAPPING, columns=["image_ref", "status", "path", "offset", "size"])
+        except (OSError, ValueError, KeyError) as err:
+            raise ReviewError(f"{folder / FETCH_MAPPING}: not a fetch-images mapping ({err}); rerun hierarcaps fetch-images") from None
+        for ref, status, path, offset, size in table.itertuples(index=False):
+            if status != "ok":
+                self.fetched[ref] = str(status)
+            elif pd.isna(offset):
+                self.fetched[ref] = folder / path
+            else:
+                self.fetched[ref] = TarImage(folder / path, int(offset), int(size))
+
+    def missing_reason(self, ref: str) -> str:
+        """Why a reference has no local image (for the page)."""
+        reason = self.fetched.get(ref)
+        if isinstance(reason, str):
+            return f"fetch-images could not fetch it ({reason})"
+        return "not available locally (pass --images DIR)"
+
+    def find(self, ref: str) -> Path | TarImage | None:
+        """The local file (or tar member) of an image reference, or ``None``."""
+        if ref in self.fetched:
+            found = self.fetched[ref]
+            return None if isinstance(found, str) else found
         name = ref.rstrip("/").rsplit("/", 1)[-1]
         if name in self.by_name:
             return self.by_name[name]
