@@ -61,6 +61,7 @@ class ReviewServer:
 
 @pytest.fixture
 def browser() -> Iterator["sync_api.Browser"]:
+    sync_api.expect.set_options(timeout=30_000)  # a loaded 2-core CI machine answers slowly
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         yield browser
@@ -190,6 +191,7 @@ def test_review_smoke_build_train_items_and_card(browser, smoke_build_dir: Path,
     from datasets import load_from_disk
     from PIL import Image
 
+    from hierarcaps.card import render_card
     from hierarcaps.publish import check_publishable, publish
 
     build = tmp_path / "build"
@@ -229,6 +231,10 @@ def test_review_smoke_build_train_items_and_card(browser, smoke_build_dir: Path,
     server.kill()
     assert (build / "review" / "train.sqlite").is_file()  # beside the build
 
+    manifest = json.loads((build / "final" / "manifest.json").read_text())
+    card_inputs = {k: manifest[k] for k in ("settings", "counts", "models", "stages")}
+    # the card is re-rendered from the manifest: without a review it is the build's own card
+    assert render_card(**card_inputs) == (build / "final" / "README.md").read_text(encoding="utf-8")
     assert main(["review", "export", *args]) == 0
     exported = (build / "review" / "export-train" / "train.csv").read_text(encoding="utf-8").splitlines()
     assert exported[0] == "id,positive,negative,image_url" and len(exported) == 2

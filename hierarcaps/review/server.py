@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import socket
 import sys
@@ -42,6 +43,8 @@ def serve(store: ReviewStore, images: ImageIndex, host: str = LOCALHOST, port: i
     sock = bind(host, port)
     progress = store.progress()
     print(f"reviewing {progress['total']} items ({progress['done']} done), verdicts in {store.path}", file=out)
+    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+        print(f"warning: listening on {host}: anyone who can reach this machine and has the URL can write verdicts", file=out)
     print(f"open {review_url(sock, token)}", file=out, flush=True)
     config = uvicorn.Config(create_app(store, images, token), log_level="warning", access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
