@@ -261,3 +261,32 @@ def test_images_from_a_fetch_images_mapping_files_tar_members_and_failures(store
     failed = client.get("/api/items/2?token=t").json()
     assert failed["image"] is None and failed["image_missing"] == "fetch-images could not fetch it (not_found)"
     assert "not_found" in client.get("/api/items/2/image?token=t").json()["error"]
+
+
+@pytest.mark.slow
+def test_export_of_a_build_records_the_review_in_card_and_manifest(smoke_build_dir: Path, tmp_path: Path) -> None:
+    """Without a browser: the card and manifest of a (smoke) build say how valid the reviewed split is."""
+    import shutil
+
+    from hierarcaps.publish import check_publishable, publish
+
+    build = tmp_path / "build"
+    shutil.copytree(smoke_build_dir / "final", build / "final")
+    store = open_review(resolve_source(build, "test"), None, 3, 1)
+    assert store.path == build / "review" / "test.sqlite"
+    store.decide(0, "accept")
+    store.decide(1, "accept")
+    store.set_verdict(2, 2, "wrong_tier")
+    store.decide(2, "reject")
+    result = export_review(store, build / "review" / "export-test", build)
+    card = (build / "final" / "README.md").read_text(encoding="utf-8")
+    low, high = wilson_interval(2, 3)
+    assert f"**Fully valid: 66.7% ({100 * low:.1f}–{100 * high:.1f}%)**" in card
+    assert "| T2 | 2 | 3 | 66.7% " in card and "accepted 2, fixed 0, rejected 1" in card
+    assert card.index("## Human review") < card.index("## Limitations")
+    manifest = json.loads((build / "final" / "manifest.json").read_text())
+    assert manifest["review"]["test"] == json.loads(result.stats_path.read_text())
+    check_publishable(build, allow_plumbing_check=True)  # the manifest's hashes cover the new card
+    sent = publish(build, "lab/x", dry_run_dir=tmp_path / "upload", allow_plumbing_check=True)
+    assert "**Fully valid: 66.7%" in (sent.dry_run_dir / "README.md").read_text(encoding="utf-8")
+    assert len(result.csv.read_text(encoding="utf-8").splitlines()) == 3  # header + the two accepted items

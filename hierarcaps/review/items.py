@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from hierarcaps.formats import is_release_csv_path, load_dataset_folder, read_release_csv
+from hierarcaps.review.store import ReviewError, ReviewStore
 from hierarcaps.schema import SchemaError, release_to_rows
-from hierarcaps.review.store import ReviewError
 
 FINAL_DATASET = Path("final") / "dataset"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
@@ -169,14 +169,12 @@ class ImageIndex:
         return None
 
 
-def open_review(source: ReviewSource, db: Path | None, sample: int | None, seed: int) -> "ReviewStore":
+def open_review(source: ReviewSource, db: Path | None, sample: int | None, seed: int) -> ReviewStore:
     """Open the review database of ``source`` (creating it with the sampled items on first use).
 
     An existing database must have been started for the same source, split and sample, so a
     changed ``--sample`` or ``--seed`` cannot silently mix two samples' verdicts.
     """
-    from hierarcaps.review.store import ReviewStore
-
     db = Path(db) if db is not None else source.default_db()
     meta = {"source": str(source.path.resolve()), "kind": source.kind, "split": source.split,
             "sample": sample, "seed": seed}
