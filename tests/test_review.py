@@ -290,3 +290,26 @@ def test_export_of_a_build_records_the_review_in_card_and_manifest(smoke_build_d
     sent = publish(build, "lab/x", dry_run_dir=tmp_path / "upload", allow_plumbing_check=True)
     assert "**Fully valid: 66.7%" in (sent.dry_run_dir / "README.md").read_text(encoding="utf-8")
     assert len(result.csv.read_text(encoding="utf-8").splitlines()) == 3  # header + the two accepted items
+
+
+def test_sigkill_during_a_burst_of_writes_loses_no_answered_action(store: ReviewStore) -> None:
+    """A writer process is killed mid-stream: every action it reported as stored is in the database."""
+    import signal
+    import subprocess
+    import sys
+
+    writer = (
+        "import sys\nfrom hierarcaps.review.store import ReviewStore\n"
+        "store = ReviewStore(sys.argv[1])\n"
+        "for i in range(100000):\n"
+        "    state = store.set_verdict(i % 4, i % 4 + 1, ('valid', 'wrong_tier')[i % 2])\n"
+        "    print(state.revision, flush=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer, str(store.path)], stdout=subprocess.PIPE, text=True)
+    answered = [int(process.stdout.readline()) for _ in range(50)]  # type: ignore[union-attr]
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    with sqlite3.connect(store.path) as conn:
+        stored = {i for (i,) in conn.execute("SELECT id FROM events")}
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert set(answered) <= stored and len(stored) >= 50
