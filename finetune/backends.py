@@ -42,6 +42,7 @@ from PIL import Image
 from torch import nn
 
 from finetune.geometry import normalize
+from hierarcaps.stagedir import follow_umask
 
 KINDS = ("hf-clip", "open-clip", "text")
 TOWERS = ("text", "both")
@@ -71,7 +72,8 @@ def _atomic_dir(target: Path) -> Path:
 
 
 def _publish_dir(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by the completely written ``tmp`` folder."""
+    """Replace ``target`` by the completely written ``tmp`` folder, its modes following the umask."""
+    follow_umask(tmp)
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, old / "x")

@@ -15,7 +15,8 @@ remote worker that sees the output folder.
 
 By default no server is needed: Prefect starts its ephemeral API on SQLite under
 ``PREFECT_HOME``. At the end a summary (counts per stage, rejections per reason, seconds) is
-printed and saved as a Prefect table artifact.
+printed and saved as a Prefect table artifact, with each stage's throughput (generate calls,
+prompt and generated tokens, NLI pairs and cache hits, tokens/s, pairs/s).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from hierarcaps.pipeline import FINAL, ORDER, STAGES, Pipeline, release_models
 from hierarcaps.settings import BuildSettings, from_dict, to_dict
+from hierarcaps.stats import throughput_columns
 
 PLUMBING_BANNER = "SMOKE PROFILE: this build is a PLUMBING CHECK with tiny random models, NOT usable data."
 
@@ -85,7 +87,12 @@ def run_sharded(
 
 
 def summary_rows(pipe: Pipeline, status: dict[str, str], seconds: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per stage (and per caption split): status, counts, rejections, seconds."""
+    """One row per stage (and per caption split): status, counts, rejections, seconds, throughput.
+
+    Throughput (:func:`hierarcaps.stats.throughput_columns`): generate calls, prompt and generated
+    tokens, NLI pairs scored and cache hits, generated tokens/s and NLI pairs/s over the time
+    spent in the stage body (summed over shards).
+    """
     rows = []
     for name in ORDER:
         if not pipe.is_done(name):
@@ -100,6 +107,7 @@ def summary_rows(pipe: Pipeline, status: dict[str, str], seconds: dict[str, floa
                 "rejected": sum(rejected.values()),
                 "reasons": ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-",
                 "seconds": round(seconds.get(name, stats.get("seconds", 0.0)), 1),
+                **throughput_columns(stats),
             })
     return rows
 
@@ -145,7 +153,7 @@ def build_hierarcaps(settings: dict[str, Any], output_dir: str) -> dict[str, Any
     table = format_table(rows)
     print(f"Build summary ({pipe.output_dir}):\n{table}")
     create_table_artifact(key="build-hierarcaps-summary", table=rows,
-                          description=f"Counts, rejections and time per stage of {pipe.output_dir}")
+                          description=f"Counts, rejections, time and throughput per stage of {pipe.output_dir}")
     if pipe.settings.plumbing_check:
         print(PLUMBING_BANNER)
     return {"final": str(pipe.dirs[FINAL].path), "summary": rows}

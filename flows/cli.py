@@ -4,6 +4,7 @@ Build (resumable: rerun the same command after a failure or Ctrl-C)::
 
     build-hierarcaps --output-dir OUT [--profile paper|smoke] [--config FILE.toml|.yaml]
                      [--set key=value ...] [--dry-run]
+                     [--estimate [--estimate-from FOLDER | --calibrate N]]
                      [--task-runner thread|dask] [--dask-address tcp://HOST:PORT]
 
 Publish to the Hugging Face Hub (private unless ``--public``)::
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hierarcaps.estimate import add_estimate_arguments, print_estimate
 from hierarcaps.models import quiet_library_progress
 from hierarcaps.settings import PROFILES, SettingsError, resolve_settings
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set seeds.temperature=1.1 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    add_estimate_arguments(parser)
     parser.add_argument("--task-runner", default="thread", choices=("thread", "dask"),
                         help="run shards in local threads (default) or on a Dask cluster")
     parser.add_argument("--dask-address", help="scheduler address for --task-runner dask, e.g. tcp://10.0.0.1:8786 "
@@ -106,6 +109,8 @@ def describe_plan(settings, output_dir: Path) -> str:  # noqa: ANN001 - BuildSet
 
 def main_build(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    if (args.estimate or args.estimate_from or args.calibrate is not None) and not args.dry_run:
+        build_parser().error("--estimate, --estimate-from and --calibrate need --dry-run (nothing is built)")
     try:
         settings = resolve_settings(args.profile, args.config, args.overrides)
     except SettingsError as err:
@@ -122,7 +127,8 @@ def main_build(argv: Sequence[str]) -> int:
         print(f"warning: {err}")
     if args.dry_run:
         print(describe_plan(settings, args.output_dir))
-        return 0
+        wants_estimate = args.estimate or args.estimate_from is not None or args.calibrate is not None
+        return print_estimate(settings, args.output_dir, args) if wants_estimate else 0
     from flows.build import run_build
 
     try:

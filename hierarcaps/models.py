@@ -69,7 +69,9 @@ class ModelSpec:
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (any ``torch.device`` string).
     quantization: ``None`` or ``"4bit"`` (bitsandbytes NF4, CUDA only). ``"none"`` means ``None``.
     trust_remote_code: run the repository's own modelling code (off unless you trust it).
-    batch_size: examples per forward/generate call in the stage that uses the model.
+    batch_size: most examples per model call. NLI: pairs per forward pass. Generating roles:
+        sequences (prompts x samples) per ``generate`` call, a stage's batch being split into
+        several calls (vLLM: ``max_num_seqs``); ``None``: a stage's whole batch in one call.
     """
 
     name_or_path: str
@@ -78,7 +80,7 @@ class ModelSpec:
     device: str = "auto"
     quantization: str | None = None
     trust_remote_code: bool = False
-    batch_size: int = 16
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -95,7 +97,7 @@ class ModelSpec:
                 f"model {self.name_or_path!r}: dtype {self.dtype!r} is not supported; "
                 f"use auto, {', '.join(DTYPES)}"
             )
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"model {self.name_or_path!r}: batch_size must be >= 1, got {self.batch_size}")
 
     @property

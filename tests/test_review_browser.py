@@ -232,7 +232,7 @@ def test_review_smoke_build_train_items_and_card(browser, smoke_build_dir: Path,
     assert (build / "review" / "train.sqlite").is_file()  # beside the build
 
     manifest = json.loads((build / "final" / "manifest.json").read_text())
-    card_inputs = {k: manifest[k] for k in ("settings", "counts", "models", "stages")}
+    card_inputs = {k: manifest[k] for k in ("settings", "counts", "models", "stages", "sampling")}
     # the card is re-rendered from the manifest: without a review it is the build's own card
     assert render_card(**card_inputs) == (build / "final" / "README.md").read_text(encoding="utf-8")
     assert main(["review", "export", *args]) == 0

@@ -30,3 +30,13 @@ def test_smoke_profile_builds_a_dataset_with_card_and_manifest(smoke_build_dir):
     manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["plumbing_check"] is True
     assert manifest["counts"] == {"train": len(built["train"]), "test": len(built["test"])}
+    # throughput accounting reaches the manifest and the card, with counts the real models made
+    stages = {row["stage"]: row for row in manifest["stages"]}
+    for name in ("seeds", "augment", "complete_train", "complete_test", "negatives"):
+        extra, rates = stages[name]["extra"], stages[name]["throughput"]
+        assert extra["generate_calls"] > 0 and extra["prompt_tokens"] > 0 and extra["generated_tokens"] > 0
+        assert all(isinstance(extra[key], int) for key in ("generate_calls", "prompt_tokens", "generated_tokens"))
+        assert rates["tokens_per_s"] == pytest.approx(extra["generated_tokens"] / stages[name]["seconds"], rel=0.01)
+        if name != "augment":
+            assert extra["nli_pairs_scored"] > 0 and rates["pairs_per_s"] > 0
+    assert "## Throughput" in card and "generated tokens/s" in card

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 from PIL import Image
 
+from hierarcaps.stagedir import follow_umask
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _COCO_ID = re.compile(r"_(\d+)\.[A-Za-z]+$")
 
@@ -140,6 +142,7 @@ def write_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    follow_umask(Path(tmp))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -29,6 +29,12 @@ class SuiteSettings:
     zeroshot_images: str = ""
     taxonomy_table: str = ""
     taxonomy_images: str = ""
+    taxonomy_ranks: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+    taxonomy_image_column: str = "filepath"
+    taxonomy_common_name_column: str = "common_name"
+    taxonomy_style: str = "taxonomic"
+    taxonomy_template: str = "{}"
+    taxonomy_root_text: str = ""
     wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet
     wordnet_chains: int = 500
     draft_size: int | None = None
@@ -66,7 +72,11 @@ def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSe
     if s.zeroshot_labels and s.zeroshot_images:
         result["zeroshot"] = _strip(zero_shot_classification(encoder, read_labels(s.zeroshot_labels), s.zeroshot_images, model=model))
     if s.taxonomy_table and s.taxonomy_images:
-        result["taxonomy"] = _strip(evaluate_taxonomy(encoder, s.taxonomy_table, s.taxonomy_images, model=model, draft_size=s.draft_size))
+        result["taxonomy"] = _strip(evaluate_taxonomy(
+            encoder, s.taxonomy_table, s.taxonomy_images, s.taxonomy_style, s.taxonomy_template,  # type: ignore[arg-type]
+            s.taxonomy_root_text, model, s.draft_size, s.taxonomy_ranks, s.taxonomy_image_column,
+            s.taxonomy_common_name_column,
+        ))
     if s.wordnet_dir:
         result["wordnet"] = _strip(evaluate_wordnet(encoder, s.wordnet_dir, s.wordnet_chains, model=model,
                                                     batch_size=s.text_batch_size))

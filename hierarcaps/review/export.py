@@ -139,7 +139,7 @@ def record_in_build(build_dir: Path, stats: Mapping[str, Any]) -> Path:
     reviews = {**manifest.get("review", {}), stats["split"]: dict(stats)}
     card_text = render_card(
         settings=manifest["settings"], counts=manifest["counts"], models=manifest["models"],
-        stages=manifest["stages"], reviews=reviews,
+        stages=manifest["stages"], sampling=manifest.get("sampling"), reviews=reviews,
     )
     with atomic_path(final / CARD) as tmp:
         tmp.write_text(card_text, encoding="utf-8")
