@@ -82,6 +82,7 @@ def render_card(
     models: Mapping[str, Mapping[str, Any]],
     stages: Sequence[Mapping[str, Any]],
     sampling: Mapping[str, Mapping[str, Any]] | None = None,
+    reviews: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """The full ``README.md`` text.
 
@@ -92,6 +93,8 @@ def render_card(
         stages: per stage ``{"stage", "dir", "items_in", "kept", "rejected", "seconds", "extra"}``
             (:func:`hierarcaps.pipeline.stage_summaries`); throughput comes from ``extra``.
         sampling: per generating stage ``{"role", "backend", "temperature", "top_k", "top_p"}``.
+        reviews: per split, the statistics of a human review
+            (:func:`hierarcaps.review.export.review_statistics`), shown under "Human review".
     """
     front = yaml.safe_dump(card_metadata(settings, counts), sort_keys=False, allow_unicode=True)
     parts = [f"---\n{front}---", f"# {settings['output']['pretty_name']}"]
@@ -150,6 +153,8 @@ def render_card(
         + json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False)
         + "\n```"
     )
+    if reviews:
+        parts.append(review_section(reviews))
     parts.append(
         "## Limitations\n\nHierarchies are produced by language models and filtered by an NLI "
         "model; the paper's authors found about 75% of automatically built items fully valid. "
@@ -173,6 +178,35 @@ def sampling_section(sampling: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _or_none(value: Any) -> str:
     return "none" if value is None else str(value)
+
+
+def _percent_ci(entry: Mapping[str, Any]) -> str:
+    if not entry["n"]:
+        return "-"
+    low, high = entry["ci95"]
+    return f"{100 * entry['fraction']:.1f}% ({100 * low:.1f}–{100 * high:.1f}%)"
+
+
+def review_section(reviews: Mapping[str, Mapping[str, Any]]) -> str:
+    """The "Human review" section: per reviewed split, the fully valid and per-tier valid fractions."""
+    lines = ["## Human review\n"]
+    for split, stats in reviews.items():
+        d = stats["decisions"]
+        lines.append(
+            f"**{split}:** a reviewer judged {stats['reviewed']} of {stats['items']} sampled items tier by tier "
+            f"(accepted {d['accept']}, fixed {d['fix']}, rejected {d['reject']}). "
+            f"**Fully valid: {_percent_ci(stats['fully_valid'])}** of reviewed items "
+            f"(all four tiers valid as built; 95% Wilson score intervals in parentheses).\n"
+        )
+        rows = [[tier, entry["valid"], entry["n"], _percent_ci(entry)] for tier, entry in stats["tiers"].items()]
+        rows.append(["all four", stats["fully_valid"]["valid"], stats["fully_valid"]["n"], _percent_ci(stats["fully_valid"])])
+        lines.append(_table(["tier", "valid", "judged", "valid fraction (95% CI)"], rows) + "\n")
+    lines.append(
+        "Verdicts per tier: valid, wrong tier (true but at the wrong level of generality), not entailed, "
+        "and for train items contradiction fails (the negative does not contradict). The curated split "
+        "made from the review (`hierarcaps review export`) applies the reviewer's fixes and drops rejected items."
+    )
+    return "\n".join(lines)
 
 
 def _rejections(rejected: Mapping[str, int]) -> str:

@@ -17,6 +17,11 @@ fetches only what is missing.
 ``nli``, ...) into OUT: an offline stand-in for plumbing checks of ``hierarcaps-finetune`` and
 ``hierarcaps-eval`` on machines that cannot download weights. Its numbers mean nothing.
 
+``hierarcaps review SOURCE --split test [--sample N --seed S] [--port P] [--images DIR]`` serves a
+local page to judge a build's (or dataset folder's, or release CSV's) items tier by tier;
+``hierarcaps review export SOURCE --split test`` writes the curated split and its agreement
+statistics (:mod:`hierarcaps.review`).
+
 Errors about the input (wrong header, a hierarchy without four tiers, a missing split) print one
 line naming the file and line and exit with status 2.
 """
@@ -64,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("kind", metavar="KIND", choices=KINDS, help=f"one of: {', '.join(KINDS)}")
     tiny.add_argument("output", metavar="OUT", help="folder to create (must not exist or be empty)")
+    # listed for --help; `hierarcaps review ...` is parsed by hierarcaps.review.cli
+    commands.add_parser("review", help="judge built hierarchies in a local web page (then: review export)")
     return parser
 
 
@@ -127,6 +134,11 @@ def _tiny_model(kind: str, output: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hierarcaps`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["review"]:
+        from hierarcaps.review.cli import review_main
+
+        return review_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "fetch-images":
         return _fetch_images(args)

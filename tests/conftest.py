@@ -99,3 +99,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         APILogWorker.drain_all(timeout=5)
         for server in list(server_module.SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished smoke-profile build (its own tiny models; a few minutes), made once per test session.
+
+    Tests that change the build copy what they change (e.g. ``final/``) first.
+    """
+    from hierarcaps.pipeline import Pipeline
+    from hierarcaps.settings import resolve_settings
+
+    out = tmp_path_factory.mktemp("smoke-build")
+    Pipeline(resolve_settings("smoke"), out).run()
+    return out

@@ -14,22 +14,13 @@ from pathlib import Path
 import datasets
 import pytest
 
-from hierarcaps.pipeline import Pipeline
-from hierarcaps.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke_build(tmp_path_factory) -> Path:
-    """One smoke-profile build (a few minutes on 2 CPU cores), shared by the tests of this module."""
-    out = tmp_path_factory.mktemp("smoke")
-    Pipeline(resolve_settings("smoke"), out).run()
-    return out
-
-
-def test_smoke_profile_builds_a_dataset_with_card_and_manifest(smoke_build):
-    final = smoke_build / "final"
+def test_smoke_profile_builds_a_dataset_with_card_and_manifest(smoke_build_dir):
+    # the session fixture runs Pipeline(resolve_settings("smoke"), ...).run() once for every test that needs a build
+    final = smoke_build_dir / "final"
     assert (final / "_SUCCESS").is_file()
     built = datasets.load_from_disk(str(final / "dataset"))
     assert len(built["train"]) > 0 and len(built["test"]) > 0
@@ -52,7 +43,7 @@ def test_smoke_profile_builds_a_dataset_with_card_and_manifest(smoke_build):
     assert "## Throughput" in card and "generated tokens/s" in card
 
 
-def test_a_second_build_elsewhere_interrupted_and_resumed_gives_byte_identical_dataset_files(smoke_build, tmp_path):
+def test_a_second_build_elsewhere_interrupted_and_resumed_gives_byte_identical_dataset_files(smoke_build_dir, tmp_path):
     """Issue 9 item 5: provenance names models by hub id or content hash, never by path or mtime.
 
     Build ``a`` (the shared smoke build); build ``b`` in another folder, stopped after ``complete_train`` and resumed by a
@@ -66,13 +57,13 @@ def test_a_second_build_elsewhere_interrupted_and_resumed_gives_byte_identical_d
     from hierarcaps.pipeline import ORDER, TINY_MODELS_DIR, release_models
 
     settings = resolve_settings("smoke")
-    shutil.copytree(smoke_build / TINY_MODELS_DIR, tmp_path / "b" / TINY_MODELS_DIR, copy_function=shutil.copy)
+    shutil.copytree(smoke_build_dir / TINY_MODELS_DIR, tmp_path / "b" / TINY_MODELS_DIR, copy_function=shutil.copy)
     interrupted = Pipeline(settings, tmp_path / "b")
     for name in ORDER[:ORDER.index("complete_train") + 1]:
         interrupted.run_stage(name)
     release_models()
     Pipeline(settings, tmp_path / "b").run()
-    final_a, final_b = smoke_build / "final", tmp_path / "b" / "final"
+    final_a, final_b = smoke_build_dir / "final", tmp_path / "b" / "final"
     files = sorted(p.relative_to(final_a) for p in final_a.rglob("*")
                    if p.is_file() and p.parent != final_a)  # dataset/, data/, release/
     assert {"dataset/train/data-00000-of-00001.arrow", "data/train-00000-of-00001.parquet",
@@ -80,4 +71,4 @@ def test_a_second_build_elsewhere_interrupted_and_resumed_gives_byte_identical_d
     for rel in files:
         assert (final_a / rel).read_bytes() == (final_b / rel).read_bytes(), rel
     provenance = datasets.load_from_disk(str(final_b / "dataset"))["train"][0]["provenance"]
-    assert "completer#sha256:" in provenance and str(tmp_path) not in provenance and str(smoke_build) not in provenance
+    assert "completer#sha256:" in provenance and str(tmp_path) not in provenance and str(smoke_build_dir) not in provenance
