@@ -14,6 +14,8 @@ from pathlib import Path
 import datasets
 import pytest
 
+from hierarcaps.pipeline import Pipeline
+from hierarcaps.settings import resolve_settings
 
 pytestmark = pytest.mark.slow
 
