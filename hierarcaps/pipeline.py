@@ -399,7 +399,8 @@ class Pipeline:
             if backend == "vllm":
                 from hierarcaps.vllm_backend import VLLMGenerator
 
-                return VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}")
+                return VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}",
+                                               gpu_memory_utilization=self.settings.generation.gpu_memory_utilization)
             from hierarcaps.generation import TextGenerator
 
             model, tokenizer = load_lm(spec)
@@ -707,6 +708,10 @@ class ModelCache:
 
     def release(self) -> None:
         with self._lock:
+            for item in self._items.values():
+                close = getattr(item, "close", None)  # a vLLM engine holds GPU memory until shut down
+                if callable(close):
+                    close()
             self._items.clear()
             self.described = {}
             self.stage = None

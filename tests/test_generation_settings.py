@@ -78,6 +78,7 @@ def test_settings_rerun_the_stages_they_change_and_no_others(tmp_path) -> None:
     ("generation.backend=tgi", "generation.backend must be one of hf, vllm"),
     ("generation.completer_backend=x", "generation.completer_backend must be one of hf, vllm"),
     ("models.nli.batch_size=none", "models.nli.batch_size cannot be none"),
+    ("generation.gpu_memory_utilization=1.5", r"generation.gpu_memory_utilization must be in \(0, 1\]"),
 ])
 def test_bad_sampling_and_backend_settings_are_named(override, message) -> None:
     with pytest.raises(SettingsError, match=message):
