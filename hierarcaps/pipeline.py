@@ -709,7 +709,7 @@ class ModelCache:
     def release(self) -> None:
         with self._lock:
             for item in self._items.values():
-                close = getattr(item, "close", None)  # a vLLM engine holds GPU memory until shut down
+                close = getattr(item, "close", None)  # a vLLM engine holds GPU memory, the NLI cache a database
                 if callable(close):
                     close()
             self._items.clear()

@@ -209,7 +209,8 @@ def test_from_spec_starts_an_engine_with_prefix_caching(monkeypatch, tiny_causal
 
 def test_vllm_refuses_a_t5_model_naming_the_setting(monkeypatch, tiny_seq2seq_dir) -> None:
     _fake_vllm(monkeypatch)
-    with pytest.raises(ModelLoadError, match=r"models\.completer .*no T5 / encoder-decoder support.*completer_backend=hf"):
+    message = r"models\.completer .*no T5 / encoder-decoder support.*completer_backend=hf"
+    with pytest.raises(ModelLoadError, match=message):
         VLLMGenerator.from_spec(ModelSpec(str(tiny_seq2seq_dir)), "models.completer")
 
 
