@@ -173,7 +173,8 @@ def sampling_section(sampling: Mapping[str, Mapping[str, Any]]) -> str:
     plain = all(s.get("top_k") is None and s.get("top_p") is None for s in sampling.values())
     note = ("Every stage used plain temperature sampling, as the paper describes." if plain else
             "Stages with a top-k or top-p filter differ from the paper's plain temperature sampling.")
-    return "## Sampling\n\n" + _table(["stage", "model", "library", "temperature", "top_k", "top_p"], rows) + f"\n\n{note}"
+    table = _table(["stage", "model", "library", "temperature", "top_k", "top_p"], rows)
+    return f"## Sampling\n\n{table}\n\n{note}"
 
 
 def _or_none(value: Any) -> str:

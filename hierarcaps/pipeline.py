@@ -410,7 +410,8 @@ class Pipeline:
             if backend == "vllm":
                 from hierarcaps.vllm_backend import VLLMGenerator
 
-                generator = VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}")
+                generator = VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}",
+                                                    gpu_memory_utilization=self.settings.generation.gpu_memory_utilization)
                 generator.model_id = provenance_id(spec, name)
                 return generator
             from hierarcaps.generation import TextGenerator
@@ -765,6 +766,10 @@ class ModelCache:
 
     def release(self) -> None:
         with self._lock:
+            for item in self._items.values():
+                close = getattr(item, "close", None)  # a vLLM engine holds GPU memory, the NLI cache a database
+                if callable(close):
+                    close()
             self._items.clear()
             self.described = {}
             self.stage = None

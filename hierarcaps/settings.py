@@ -98,11 +98,14 @@ class GenerationSettings:
     caching; ``pip install "hierarcaps[vllm]"``, CUDA GPU) for the chat LM, the base LM and the
     completer. vLLM has no encoder-decoder (T5) support, so ``completer_backend`` (``None``: as
     ``backend`` for a decoder-only completer, ``hf`` for a T5 one) set to ``vllm`` with a T5
-    completer is an error.
+    completer is an error. ``gpu_memory_utilization`` is the share of GPU memory a vLLM engine
+    takes (weights and KV cache); the rest holds the NLI model, which shares the GPU in the seeds
+    stage.
     """
 
     backend: str = "hf"  # hf | vllm
     completer_backend: str | None = None  # hf | vllm | none (as backend; hf for a T5 completer)
+    gpu_memory_utilization: float = 0.8
 
 
 @dataclass
@@ -365,6 +368,9 @@ def validate_settings(settings: BuildSettings) -> None:
                        ("generation.completer_backend", settings.generation.completer_backend or "hf")):
         if value not in BACKENDS:
             raise SettingsError(f"{key} must be one of {', '.join(BACKENDS)}, got {value!r}")
+    if not 0 < settings.generation.gpu_memory_utilization <= 1:
+        raise SettingsError("generation.gpu_memory_utilization must be in (0, 1], got "
+                            f"{settings.generation.gpu_memory_utilization}")
     if settings.models.nli.batch_size is None:
         raise SettingsError("models.nli.batch_size cannot be none: it is the number of pairs per NLI forward pass")
     for stage in GENERATING_STAGES:

@@ -67,8 +67,10 @@ class VLLMGenerator(TextGenerator):
         self.sampling_params = sampling_params
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, setting: str) -> "VLLMGenerator":
+    def from_spec(cls, spec: ModelSpec, setting: str, *, gpu_memory_utilization: float = 0.8) -> "VLLMGenerator":
         """Start a vLLM engine on the model of ``spec`` (``setting`` names it in errors).
+
+        The engine takes ``gpu_memory_utilization`` of the GPU's memory (vLLM's own setting).
 
         Raises :class:`~hierarcaps.models.ModelLoadError` when vLLM is not installed or the model
         is an encoder-decoder (T5) model, which vLLM cannot run.
@@ -94,6 +96,7 @@ class VLLMGenerator(TextGenerator):
             "dtype": vllm_dtype(spec),
             "trust_remote_code": spec.trust_remote_code,
             "enable_prefix_caching": True,
+            "gpu_memory_utilization": gpu_memory_utilization,
             "seed": 0,
         }
         if spec.quantization == "4bit":
@@ -108,6 +111,14 @@ class VLLMGenerator(TextGenerator):
                                  ) from exc
         return cls(llm, tokenizer, generation_config=generation_config, sampling_params=vllm.SamplingParams,
                    model_id=spec.label)
+
+    def close(self) -> None:
+        """Shut the engine down so its GPU memory is free for the next stage's models (best effort)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
 
     def _configured_eos(self) -> int | list[int] | None:
         return getattr(self.generation_config, "eos_token_id", None)

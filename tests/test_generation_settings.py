@@ -78,6 +78,7 @@ def test_settings_rerun_the_stages_they_change_and_no_others(tmp_path) -> None:
     ("generation.backend=tgi", "generation.backend must be one of hf, vllm"),
     ("generation.completer_backend=x", "generation.completer_backend must be one of hf, vllm"),
     ("models.nli.batch_size=none", "models.nli.batch_size cannot be none"),
+    ("generation.gpu_memory_utilization=1.5", r"generation.gpu_memory_utilization must be in \(0, 1\]"),
 ])
 def test_bad_sampling_and_backend_settings_are_named(override, message) -> None:
     with pytest.raises(SettingsError, match=message):
@@ -107,3 +108,19 @@ def test_card_and_manifest_record_how_each_stage_sampled(tmp_path, tiny_chat_lm_
     manifest = build_manifest(tmp_path, settings=settings, counts={}, models={}, stages=[],
                               validation={}, sampling=sampling)
     assert manifest["sampling"]["seeds"]["top_k"] == 50
+
+
+def test_nli_batch_size_batches_forward_passes_without_changing_scores(tiny_nli_dir) -> None:
+    """models.nli.batch_size: pairs per forward pass; length-sorted batches give the same probabilities."""
+    import numpy as np
+
+    from hierarcaps.nli import NLIScorer
+
+    pairs = [("a goat eating leaves of a lemon tree on the island", "goat on island"), ("goat on island", "animal"),
+             ("animal", "goat"), ("goats graze at snowy night", "portrait"), ("frog", "a small frog in the garden")]
+    one = NLIScorer.from_spec(ModelSpec(str(tiny_nli_dir), batch_size=1))
+    all_at_once = NLIScorer.from_spec(ModelSpec(str(tiny_nli_dir), batch_size=64))
+    a, b = one.score(pairs), all_at_once.score(pairs)
+    assert (one.forward_calls, all_at_once.forward_calls) == (5, 1)
+    for label in ("entailment", "neutral", "contradiction"):
+        np.testing.assert_allclose(getattr(a, label), getattr(b, label), atol=1e-5)

@@ -198,9 +198,10 @@ def _fake_vllm(monkeypatch) -> dict[str, Any]:
 def test_from_spec_starts_an_engine_with_prefix_caching(monkeypatch, tiny_causal_lm_dir) -> None:
     started = _fake_vllm(monkeypatch)
     spec = ModelSpec(str(tiny_causal_lm_dir), dtype="float16", batch_size=128)
-    generator = VLLMGenerator.from_spec(spec, "models.base_lm")
+    generator = VLLMGenerator.from_spec(spec, "models.base_lm", gpu_memory_utilization=0.6)
     assert started["model"] == str(tiny_causal_lm_dir) and started["enable_prefix_caching"] is True
     assert started["dtype"] == "float16" and started["max_num_seqs"] == 128
+    assert started["gpu_memory_utilization"] == 0.6
     assert "quantization" not in started
     assert generator.backend == "vllm" and generator.model_id == str(tiny_causal_lm_dir)
     assert generator.sampling_params is SamplingParams
@@ -208,7 +209,8 @@ def test_from_spec_starts_an_engine_with_prefix_caching(monkeypatch, tiny_causal
 
 def test_vllm_refuses_a_t5_model_naming_the_setting(monkeypatch, tiny_seq2seq_dir) -> None:
     _fake_vllm(monkeypatch)
-    with pytest.raises(ModelLoadError, match=r"models\.completer .*no T5 / encoder-decoder support.*completer_backend=hf"):
+    message = r"models\.completer .*no T5 / encoder-decoder support.*completer_backend=hf"
+    with pytest.raises(ModelLoadError, match=message):
         VLLMGenerator.from_spec(ModelSpec(str(tiny_seq2seq_dir)), "models.completer")
 
 
@@ -216,3 +218,17 @@ def test_missing_vllm_names_the_extra(monkeypatch, tiny_causal_lm_dir) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, as when not installed
     with pytest.raises(ModelLoadError, match=r'pip install "hierarcaps\[vllm\]"'):
         VLLMGenerator.from_spec(ModelSpec(str(tiny_causal_lm_dir)), "models.chat_lm")
+
+
+def test_releasing_the_stage_models_shuts_the_engine_down(tokenizer) -> None:
+    """The model cache closes a vLLM engine at the end of a stage, so the next stage's models fit."""
+    from hierarcaps.pipeline import ModelCache
+
+    shutdowns = []
+    llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(
+        engine_core=types.SimpleNamespace(shutdown=lambda: shutdowns.append(1))))
+    generator = VLLMGenerator(llm, tokenizer, generation_config=None, sampling_params=SamplingParams, model_id="x")
+    cache = ModelCache()
+    assert cache.get(("chat_lm", None, "vllm"), lambda: generator) is generator
+    cache.release()
+    assert shutdowns == [1] and generator.llm is None
