@@ -22,6 +22,7 @@ See ``docs/build.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -135,15 +136,16 @@ class _Interruptible:
             signal.signal(signal.SIGINT, self.previous)
 
     def _stop(self, signum: int, frame: object) -> None:
-        if self.server is not None:
-            self.server.stop()
         try:
             kept = kept_work(self.pipe)
         except Exception as err:  # noqa: BLE001 - the exit must not depend on reading the folders
             kept = f"(could not list the finished stages: {err})"
         message = f"\nbuild-hierarcaps: interrupted.\n{kept}\nNothing finished is lost: {RESUME_HINT}.\n"
-        sys.stdout.flush()
-        os.write(sys.stderr.fileno(), message.encode("utf-8", "replace"))
+        with contextlib.suppress(Exception):  # the main thread may be inside a write to stdout
+            sys.stdout.flush()
+        os.write(sys.stderr.fileno(), message.encode("utf-8", "replace"))  # unbuffered: safe inside a handler
+        if self.server is not None:
+            self.server.stop()
         os._exit(INTERRUPTED)
 
 
