@@ -1,10 +1,19 @@
-"""Time our HierarCaps evaluator against a plain per-row loop, as the released evaluator runs it.
+"""Time `hierarcaps-eval retrieval` (cold and warm image cache) against a per-row loop run the way
+the released evaluator runs, on the same model and the real 1K test set.
 
 The loop makes one model call per test row (its four texts) and one per image, then searches the
-thresholds image by image and threshold by threshold. Ours embeds the distinct texts and the
-images in batches and searches every threshold for every image in one vectorised pass. Both run
-on the same model and data; the script prints the seconds of each phase, the speed-up, and both
-sets of metrics (they agree up to embedding round-off).
+thresholds image by image and threshold by threshold, with ``argmax`` over the masked texts and
+``kendalltau(argsort(radii), [1, 2, 3, 4])`` per row. Ours decodes images in DataLoader workers,
+embeds the distinct texts in batches, reads the image embeddings from the on-disk cache when the
+image tower is unchanged (warm), and searches every threshold for every image in one vectorised pass.
+
+Two sets of figures:
+
+* evaluation: from the test CSV to the metrics, model already loaded (what the evaluator does);
+* whole command: wall time of a fresh process each (Python start-up, imports, model load,
+  evaluation), `hierarcaps-eval retrieval` against this script's ``--per-row-only`` mode.
+
+The metrics of all runs must be identical; the script says so, or exits 1.
 
     python benchmarks/bench_eval.py                      # tiny random CLIP, real test set if present
     python benchmarks/bench_eval.py --rows 200 --backend open-clip
@@ -14,6 +23,10 @@ sets of metrics (they agree up to embedding round-off).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,50 +34,59 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy.stats import kendalltau
 
 from finetune.backends import load_backend
-from finetune.evaluation.common import encode_image_files, encode_texts, open_rgb, text_root
-from finetune.evaluation.retrieval import RetrievalSet, index_test_set, read_test_csv, resolve_image_refs, retrieve, summarize
+from finetune.evaluation.common import default_workers, open_rgb, text_root
+from finetune.evaluation.image_cache import ImageEmbeddingCache
+from finetune.evaluation.retrieval import RetrievalSet, evaluate_retrieval, read_test_csv, resolve_image_refs, summarize
 from hierarcaps.tiny_models import build_tiny_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps"
+SCORES = ("precision", "recall", "tau_d")
 
 
-def synthetic_test_set(folder: Path, rows: int, seed: int = 0) -> tuple[RetrievalSet, Path]:
-    """Rows of made-up chains over a small vocabulary, with random 320x240 JPEG images."""
+def synthetic_test_set(folder: Path, rows: int, seed: int = 0) -> Path:
+    """A release-format CSV of made-up chains over a small vocabulary, with random 320x240 JPEGs."""
     rng = np.random.default_rng(seed)
     words = ["animal", "dog", "cat", "bird", "vehicle", "car", "bus", "food", "pizza", "table", "man", "woman"]
-    chains, refs = [], []
     folder.mkdir(parents=True, exist_ok=True)
+    lines = ["id,captions,image_url"]
     for i in range(rows):
         a, b, c = rng.choice(words, 3, replace=False)
-        chains.append((a, f"{a} {b}", f"{a} {b} near {c}", f"a {a} and a {b} near the {c} number {i}"))
         name = f"COCO_val2014_{i:012d}.jpg"
         Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(folder / name)
-        refs.append(name)
-    return RetrievalSet(chains, refs, "synthetic", "-", "rows"), folder
+        lines.append(f'{i},"{a} => {a} {b} => {a} {b} near {c} => a {a} and a {b} near the {c} number {i}",{name}')
+    csv = folder / "test.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
 
 
 def per_row_loop(backend, test: RetrievalSet, images_dir: Path, steps: int) -> dict[str, float]:
-    """The released evaluator's control flow: per-row and per-image model calls, per-image search."""
+    """The released evaluator's control flow: per-row and per-image model calls, per-image search.
+    Returns the summary metrics plus the seconds of each phase (``phase_s``)."""
     t0 = time.perf_counter()
-    root = text_root(backend)
-    row_emb = torch.stack([backend.encode_text(list(chain)).float().cpu() for chain in test.chains])  # (n, 4, D)
-    refs = list(dict.fromkeys(test.image_refs))
-    paths = resolve_image_refs(refs, images_dir)
-    img_emb = torch.stack([backend.encode_images([open_rgb(p)]).float().cpu()[0] for p in paths])
-    t1 = time.perf_counter()
+    with torch.no_grad():
+        root = text_root(backend)
+        row_emb = torch.stack([backend.encode_text(list(chain)).float().cpu() for chain in test.chains])  # (n, 4, D)
+        t1 = time.perf_counter()
+        refs = list(dict.fromkeys(test.image_refs))
+        paths = resolve_image_refs(refs, images_dir)
+        img_emb = torch.stack([backend.encode_images([open_rgb(p)]).float().cpu()[0] for p in paths])
+    t2 = time.perf_counter()
     radii = (row_emb - root).norm(dim=-1)  # (n, 4)
-    texts = np.array(test.chains, dtype=object)
-    levels = np.linspace(float(radii.min()), float(radii.max()), steps)
-    masks = [radii <= thr for thr in levels]
+    flat_r = radii.reshape(-1).numpy()
+    flat_e = row_emb.reshape(-1, row_emb.shape[-1])
+    texts = np.array([t for chain in test.chains for t in chain], dtype=object)
+    levels = np.linspace(float(flat_r.min()), float(flat_r.max()), steps)
+    masks = [flat_r <= thr for thr in levels]
     image_of_row = np.array([refs.index(r) for r in test.image_refs])
     precisions, recalls = [], []
     for i in range(len(refs)):
-        sim = row_emb @ img_emb[i]
+        sim = (flat_e @ img_emb[i]).numpy()
         preds = []
         for mask in masks:
-            t = texts[mask.numpy()][int(sim[mask].argmax())]
+            t = texts[mask][int(np.argmax(sim[mask]))]
             if not preds or preds[-1] != t:
                 preds.append(t)
         refs_i = [test.chains[r] for r in np.nonzero(image_of_row == i)[0]]
@@ -72,24 +94,33 @@ def per_row_loop(backend, test: RetrievalSet, images_dir: Path, steps: int) -> d
         sp = set(preds)
         precisions.append(len(sp & gt) / max(1, len(sp)))
         recalls.append(sum(any(c[k] in sp for c in refs_i) for k in range(4)) / 4)
-    tau = np.array([[np.sign(r[j] - r[i]) for i in range(4) for j in range(i + 1, 4)] for r in radii.numpy()]).sum(1) / 6
-    t2 = time.perf_counter()
-    return {"embed_s": t1 - t0, "search_s": t2 - t1, **summarize(np.array(precisions), np.array(recalls), tau)}
+    # Ties in tier order (a stable argsort); see finetune.evaluation.retrieval.released_tau_d.
+    tau = np.array([kendalltau(np.argsort(r, kind="stable"), [1, 2, 3, 4]).statistic for r in radii.numpy()])
+    phases = {"texts": t1 - t0, "images": t2 - t1, "search": time.perf_counter() - t2}
+    return {**summarize(np.array(precisions), np.array(recalls), tau), "phase_s": phases}
 
 
-def ours(backend, test: RetrievalSet, images_dir: Path, steps: int) -> dict[str, float]:
-    """Our evaluator: batched embedding of distinct texts and images, vectorised search."""
+def timed(fn, *args, **kwargs) -> tuple[float, dict]:
+    """(seconds, result) of one call."""
     t0 = time.perf_counter()
-    cand = index_test_set(test)
-    paths = resolve_image_refs(cand.images, images_dir)
-    with torch.no_grad():
-        root = text_root(backend)
-        text_emb = encode_texts(backend, cand.texts)
-        image_emb = encode_image_files(backend, paths)
-    t1 = time.perf_counter()
-    out = retrieve(text_emb, image_emb, root, cand, "released", steps)
-    t2 = time.perf_counter()
-    return {"embed_s": t1 - t0, "search_s": t2 - t1, **summarize(out["precision"], out["recall"], out["tau"])}
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def same_scores(a: dict, b: dict) -> bool:
+    """P, R and tau_d agree to 1e-12 (tau_d: scipy's and our float arithmetic may differ in the last bit)."""
+    return all(abs(a[k] - b[k]) <= 1e-12 for k in SCORES)
+
+
+def command_seconds(argv: list[str]) -> tuple[float, dict]:
+    """Wall time of a fresh process running ``argv``, and the metrics JSON it printed last."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return seconds, json.loads(done.stdout[done.stdout.index("{"):])
 
 
 def main() -> None:
@@ -99,28 +130,65 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000, help="test rows to use (first N)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=None, help="image-decoding workers (default: CPU cores, at most 8)")
+    parser.add_argument("--no-commands", action="store_true", help="skip the whole-command (fresh process) timings")
+    parser.add_argument("--per-row-only", nargs=2, metavar=("TEST_CSV", "IMAGES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.per_row_only:  # the loop as a command of its own, for the whole-command timing
+        backend = load_backend(args.backend, args.model, device=args.device)
+        csv, images = map(Path, args.per_row_only)
+        print(json.dumps(per_row_loop(backend, read_test_csv(csv), images, args.steps)))
+        return
+
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     model = args.model or str(build_tiny_model(args.backend.replace("-", "_"), tmp / "model"))
     backend = load_backend(args.backend, model, device=args.device)
     if (DATA / "hierarcaps_test.csv").is_file():
-        full = read_test_csv(DATA / "hierarcaps_test.csv")
-        test = RetrievalSet(full.chains[: args.rows], full.image_refs[: args.rows], full.origin, full.sha256)
-        images_dir = DATA / "test_imgs"
+        csv, images_dir = tmp / "test.csv", DATA / "test_imgs"
+        csv.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[: args.rows + 1]))
     else:
-        test, images_dir = synthetic_test_set(tmp / "imgs", args.rows)
-    print(f"model {model} ({args.backend}, {args.device}); {len(test)} rows from {test.origin}; "
-          f"torch threads {torch.get_num_threads()}")
-    ours(backend, RetrievalSet(test.chains[:8], test.image_refs[:8], "warm-up", "-"), images_dir, args.steps)
-    a = ours(backend, test, images_dir, args.steps)
-    b = per_row_loop(backend, test, images_dir, args.steps)
-    print(f"{'':14}{'embed s':>10}{'search s':>10}{'total s':>10}  precision  recall  tau_d")
-    for name, r in (("ours", a), ("per-row loop", b)):
-        print(f"{name:14}{r['embed_s']:10.2f}{r['search_s']:10.3f}{r['embed_s'] + r['search_s']:10.2f}"
-              f"  {r['precision']:.4f}     {r['recall']:.4f}  {r['tau_d']:.4f}")
-    print(f"speed-up: total x{(b['embed_s'] + b['search_s']) / (a['embed_s'] + a['search_s']):.1f}, "
-          f"embedding x{b['embed_s'] / a['embed_s']:.1f}, threshold search x{b['search_s'] / a['search_s']:.0f}")
+        csv = synthetic_test_set(tmp / "imgs", args.rows)
+        images_dir = csv.parent
+    test = read_test_csv(csv)
+    workers = default_workers() if args.workers is None else args.workers
+    print(f"model {model} ({args.backend}, {args.device}); {len(test)} rows, "
+          f"{len(set(test.image_refs))} images from {images_dir}; {workers} image workers; "
+          f"torch threads {torch.get_num_threads()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+
+    cache = tmp / "cache"
+    run = lambda: evaluate_retrieval(backend, csv, images_dir, "released", args.steps, model, workers=workers,  # noqa: E731
+                                     image_cache=ImageEmbeddingCache(cache))
+    t_loop, loop = timed(per_row_loop, backend, test, images_dir, args.steps)
+    t_cold, cold = timed(run)
+    t_warm, warm = timed(run)
+    assert cold["image_cache"]["misses"] == len(set(test.image_refs)) and warm["image_cache"]["misses"] == 0
+    rows = [("per-row loop", t_loop, loop), ("ours, cold cache", t_cold, cold), ("ours, warm cache", t_warm, warm)]
+
+    if not args.no_commands:
+        cmd_cache = tmp / "cmd-cache"
+        ours_cmd = [sys.executable, "-m", "finetune.evaluation.cli", "retrieval", "--backend", args.backend, "--model", model,
+                    "--test-csv", str(csv), "--images", str(images_dir), "--steps", str(args.steps), "--device", args.device,
+                    "--workers", str(workers), "--image-cache", str(cmd_cache), "--output", str(tmp / "m.json")]
+        loop_cmd = [sys.executable, str(Path(__file__).resolve()), "--backend", args.backend, "--model", model,
+                    "--steps", str(args.steps), "--device", args.device, "--per-row-only", str(csv), str(images_dir)]
+        c_loop, m_loop = command_seconds(loop_cmd)
+        c_cold, m_cold = command_seconds(ours_cmd)
+        c_warm, m_warm = command_seconds(ours_cmd)
+        rows += [("command: per-row loop", c_loop, m_loop), ("command: ours, cold", c_cold, m_cold),
+                 ("command: ours, warm", c_warm, m_warm)]
+
+    print(f"\n{'':24}{'seconds':>9}{'speed-up':>10}  precision  recall  tau_d")
+    for name, seconds, m in rows:
+        base = t_loop if not name.startswith("command") else rows[3][1]
+        print(f"{name:24}{seconds:9.2f}{base / seconds:9.1f}x  {m['precision']:.6f}   {m['recall']:.6f}  {m['tau_d']:.6f}")
+    same = all(same_scores(m, loop) for _, _, m in rows)
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in loop["phase_s"].items())
+    print(f"\nper-row loop phases: {phases}")
+    print(f"evaluation: warm x{t_loop / t_warm:.1f}, cold x{t_loop / t_cold:.1f} faster than the per-row loop; "
+          f"metrics {'identical (to 1e-12)' if same else 'DIFFERENT'} across all runs")
+    if not same:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

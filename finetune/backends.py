@@ -17,8 +17,11 @@ Every backend exposes the same members:
 * ``tokenize(texts) -> dict[str, Tensor]`` on the backend's device, and
   ``encode_tokens(tokens) -> (N, D)``: differentiable, **not** normalised (the training path);
 * ``preprocess(images) -> (N, 3, H, W)`` and ``encode_pixels(pixels) -> (N, D)``: the same for images;
+  ``image_pixels(images)`` is the preprocessing alone, on the CPU (safe in DataLoader workers);
 * ``encode_text(texts) / encode_images(images) -> (N, D)``: batched, no grad, L2-normalised
-  (the evaluation path);
+  (the evaluation path); ``encode_image_pixels(pixels)`` the same from ``image_pixels`` output;
+* ``image_tower_fingerprint()``: sha256 of everything that decides an image's embedding (the key
+  of the evaluators' image-embedding cache);
 * ``logit_scale``: the model's (frozen) contrastive temperature as ``exp(log_scale)``, or ``None``;
 * ``set_trainable("text" | "both")``: which parameters train (SPEC section 3: RE trains the text
   transformer and text projection, RCME trains both towers; the logit scale never trains);
@@ -28,6 +31,7 @@ Every backend exposes the same members:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +46,7 @@ from PIL import Image
 from torch import nn
 
 from finetune.geometry import normalize
+from hierarcaps.stagedir import follow_umask
 
 KINDS = ("hf-clip", "open-clip", "text")
 TOWERS = ("text", "both")
@@ -71,7 +76,8 @@ def _atomic_dir(target: Path) -> Path:
 
 
 def _publish_dir(tmp: Path, target: Path) -> None:
-    """Replace ``target`` by the completely written ``tmp`` folder."""
+    """Replace ``target`` by the completely written ``tmp`` folder, its modes following the umask."""
+    follow_umask(tmp)
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, old / "x")
@@ -116,9 +122,14 @@ class Backend(ABC):
     def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Text embeddings (N, D), differentiable and not normalised."""
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Pixel tensor (N, 3, H, W) on the backend's device for ``images``."""
+    def image_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocessed pixels (N, 3, H, W) float32 on the CPU. Uses no model state, so DataLoader
+        workers may call it while the main process runs the model."""
         raise NotImplementedError(f"the {self.kind!r} backend has no image tower")
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pixel tensor (N, 3, H, W) on the backend's device, in the model's dtype, for ``images``."""
+        return self.image_pixels(images).to(self.device, dtype=next(self.model.parameters()).dtype)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embeddings (N, D) from pixels (N, 3, H, W), differentiable and not normalised."""
@@ -149,11 +160,37 @@ class Backend(ABC):
         images = list(images)
         if not images:
             return torch.empty(0, self.embed_dim, device=self.device)
-        chunks = [
-            normalize(self.encode_pixels(self.preprocess(images[i : i + batch_size])).float())
-            for i in range(0, len(images), batch_size)
-        ]
+        chunks = [self.encode_image_pixels(self.image_pixels(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_image_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D) of CPU pixels from :meth:`image_pixels`, without gradients."""
+        return normalize(self.encode_pixels(pixels.to(self.device, dtype=next(self.model.parameters()).dtype)).float())
+
+    def _preprocessing_id(self) -> str:
+        """A stable description of the image preprocessing (sizes, crop, interpolation, mean, std)."""
+        raise NotImplementedError(f"the {self.kind!r} backend has no image tower")
+
+    def image_tower_fingerprint(self) -> str:
+        """Hex sha256 of what decides an image's embedding: the backend kind, the device type, the
+        preprocessing, and every tensor of the image tower (name, dtype, shape and bytes).
+
+        Computed afresh on each call (weights may have trained since); a text-only fine-tune
+        keeps it unchanged.
+        """
+        digest = hashlib.sha256(json.dumps([self.kind, self.device.type, self._preprocessing_id()]).encode())
+        n_tensors = 0
+        for name, tensor in sorted(self.model.state_dict().items()):
+            if self._tower_of(name) != "image":
+                continue
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
+            digest.update(t.view(torch.uint8).numpy())
+            n_tensors += 1
+        if not n_tensors:
+            raise BackendError(f"{self.name!r} has no image tower to fingerprint")
+        return digest.hexdigest()
 
     @cached_property
     def embed_dim(self) -> int:
@@ -224,11 +261,14 @@ class HFClipBackend(Backend):
     def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return _features(self.model.get_text_features(**tokens))
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def image_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         if self.image_processor is None:
             raise BackendError(f"{self.name!r} has no image processor: save one beside the model")
         pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        return pixels["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype)
+        return pixels["pixel_values"].float()
+
+    def _preprocessing_id(self) -> str:
+        return "none" if self.image_processor is None else self.image_processor.to_json_string()
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=pixels))
@@ -278,9 +318,11 @@ class OpenClipBackend(Backend):
     def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(tokens["text"])
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([self.transform(im.convert("RGB")) for im in images])
-        return pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
+    def image_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im.convert("RGB")) for im in images]).float()
+
+    def _preprocessing_id(self) -> str:
+        return repr(self.transform)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)

@@ -3,12 +3,15 @@
 The tree (every key can be set in a file or with ``--set``)::
 
     model.backend / name_or_path / revision / dtype     which encoder (see finetune.backends)
-    data.source / split / images_dir / exclude_images_from / max_items / num_workers
+    data.source / format / split / images_dir / exclude_images_from / max_items / num_workers
+    taxonomy.ranks / image_column / common_name_column / style / template / root_text
+          (data.format=taxonomy: a taxonomy table, see finetune.taxonomy_data)
     loss.name ("re" | "ec" | "rcme" | "level") / weights / ec_margin / ec_epsilon / rcme_alpha / rcme_beta / towers
     optim.lr / batch_size / epochs / max_steps / betas / eps / weight_decay / scheduler /
           gradient_accumulation_steps / max_grad_norm
     run.output_dir / seed / mixed_precision / checkpoint_every / save_total_limit / resume / cpu
-    eval.test_source / images_dir / variant / hyperlex / wordnet_dir / batch_size  (Prefect flow)
+    eval.test_source / images_dir / variant / hyperlex / wordnet_dir / taxonomy_table /
+          taxonomy_images / batch_size / image_cache  (Prefect flow)
 
 Settings left empty (``None``) take the paper default of the chosen loss when the run starts
 (:func:`resolve`): RE and EC use the HierarCaps recipe (AdamW, lr 1e-7, batch 8, constant
@@ -45,6 +48,7 @@ __all__ = [
     "OptimSettings",
     "RunSettings",
     "EvalSettings",
+    "TaxonomySettings",
     "FinetuneSettings",
     "SettingsError",
     "load_settings",
@@ -60,6 +64,8 @@ LOSSES = ("re", "ec", "rcme", "level")
 IMAGE_LOSSES = ("rcme", "level")
 SCHEDULERS = ("constant", "one-cycle")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DATA_FORMATS = ("auto", "hierarcaps", "taxonomy")
+TAXONOMY_STYLES = ("taxonomic", "name", "taxonomic+common")
 
 
 @dataclass
@@ -76,12 +82,27 @@ class ModelSettings:
 class DataSettings:
     """Where the train items come from (see :func:`finetune.data.load_train_rows`)."""
 
-    source: str = ""  # DatasetDict folder, Hub dataset id, or release CSV
+    source: str = ""  # DatasetDict folder, Hub dataset id, release CSV, or taxonomy table (CSV/Parquet)
+    format: str = "auto"  # auto | hierarcaps | taxonomy; auto: a table with the taxonomy.ranks columns is a taxonomy
     split: str = "train"
-    images_dir: str | None = None  # image_ref base names are looked up here (rcme, level)
+    images_dir: str | None = None  # rcme, level: a fetch-images folder, or image_ref base names are looked up here
     exclude_images_from: list[str] = field(default_factory=list)  # release CSVs / folders whose images to leave out
     max_items: int | None = None
     num_workers: int = 0
+
+
+@dataclass
+class TaxonomySettings:
+    """How a taxonomy table becomes chains of rank texts (data.format=taxonomy; finetune.taxonomy_data)."""
+
+    ranks: list[str] = field(
+        default_factory=lambda: ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
+    )  # general to specific; "class" also matches a "cls" column
+    image_column: str = "filepath"  # image path or reference, looked up in data.images_dir
+    common_name_column: str = "common_name"  # used by style taxonomic+common; may be absent
+    style: str = "taxonomic"  # taxonomic ("Animalia Chordata ...") | name (the rank's own name) | taxonomic+common
+    template: str = "a photo of {}."  # wraps every rank text
+    root_text: str = "Eukarya"  # the root's text (RCME's released code), instead of ""
 
 
 @dataclass
@@ -135,7 +156,10 @@ class EvalSettings:
     variant: str = "released"  # HierarCaps retrieval: the released evaluator's semantics, or "paper"
     hyperlex: str = ""  # a HyperLex-format file (lexical entailment)
     wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet (hypernymy ordering)
+    taxonomy_table: str = ""  # a taxonomy table of test images (read with the taxonomy.* settings)
+    taxonomy_images: str = ""  # the folder its image column is relative to
     batch_size: int = 256
+    image_cache: str = ""  # image-embedding cache folder; empty: <run.output_dir>/eval/image-cache
 
 
 @dataclass
@@ -144,6 +168,7 @@ class FinetuneSettings:
 
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    taxonomy: TaxonomySettings = field(default_factory=TaxonomySettings)
     loss: LossSettings = field(default_factory=LossSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
@@ -185,6 +210,12 @@ def validate(settings: FinetuneSettings) -> None:
         _one_of(settings.optim.scheduler, SCHEDULERS, "optim.scheduler")
     _one_of(settings.run.mixed_precision, MIXED_PRECISION, "run.mixed_precision")
     _one_of(settings.eval.variant, ("released", "paper"), "eval.variant")
+    _one_of(settings.data.format, DATA_FORMATS, "data.format")
+    _one_of(settings.taxonomy.style, TAXONOMY_STYLES, "taxonomy.style")
+    if len(settings.taxonomy.ranks) < 2:
+        raise SettingsError(f"taxonomy.ranks must list at least two ranks, general to specific; got {settings.taxonomy.ranks}")
+    if "{}" not in settings.taxonomy.template:
+        raise SettingsError(f"taxonomy.template must contain {{}} for the rank text; got {settings.taxonomy.template!r}")
     if len(settings.loss.weights) != 3:
         raise SettingsError(f"loss.weights must be three numbers (mean, minimax, reg); got {settings.loss.weights}")
     if settings.optim.betas is not None and len(settings.optim.betas) != 2:

@@ -5,6 +5,8 @@ A source is one of
 * a ``DatasetDict`` folder in the hierarcaps schema (the ``dataset`` folder that
   ``build-hierarcaps`` writes, or ``hierarcaps convert`` output); a single-``Dataset`` folder is
   its ``train`` split;
+* a ``build-hierarcaps`` output folder ``OUT`` or its ``OUT/final``: the finished build's
+  ``OUT/final/dataset`` (:func:`build_dataset_dir`);
 * an authors' release CSV (``positive,negative,image_url``, tiers joined by ``" => "``; read with
   :mod:`hierarcaps.formats`);
 * a Hugging Face Hub dataset id, in the hierarcaps schema or the release layout.
@@ -16,6 +18,8 @@ sources whose images must not be trained on (matched by file name of the image r
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,9 +29,16 @@ from datasets import Dataset, Value
 
 from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
 from hierarcaps.hierarchy import N_TIERS
-from hierarcaps.schema import release_layout, release_to_rows
+from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
+from hierarcaps.manifest import MANIFEST
+from hierarcaps.schema import SchemaError, release_layout, release_to_rows
+from hierarcaps.stagedir import SUCCESS
 
 TEXTS_PER_ITEM = 2 * N_TIERS  # P1..P4 then N1..N4
+#: The folder of a build's output that holds ``dataset/``, ``_SUCCESS`` and ``manifest.json``.
+BUILD_FINAL = "final"
+#: Files ``save_to_disk`` writes at the top of a ``DatasetDict`` / ``Dataset`` folder.
+_DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json")
 
 
 class TrainDataError(ValueError):
@@ -36,7 +47,7 @@ class TrainDataError(ValueError):
 
 @dataclass
 class TrainData:
-    """Train items as parallel lists; ``texts[index[j, k]]`` is text k (P1..P4, N1..N4) of item j."""
+    """Train items as parallel lists; ``texts[index[j, k]]`` is text k (P1..PL, N1..NL) of item j."""
 
     ids: list[str]
     positive: list[list[str]]  # (N, 4)
@@ -46,6 +57,9 @@ class TrainData:
     texts: list[str] = field(default_factory=list)  # unique texts, first-seen order
     index: np.ndarray = field(default_factory=lambda: np.zeros((0, TEXTS_PER_ITEM), dtype=np.int64))  # (N, 8)
     excluded: int = 0  # items left out because their image is in an excluded (test) source
+    levels: int = N_TIERS  # chain length L: 4 tiers, or the ranks of a taxonomy (finetune.taxonomy_data)
+    mask: np.ndarray | None = None  # (N, 2L) bool: which of P1..PL, N1..NL exist; None = all
+    root_text: str = ""  # the root's text: "" (HierarCaps) or taxonomy.root_text ("Eukarya")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,6 +67,62 @@ class TrainData:
 
 def _is_csv(path: Path) -> bool:
     return path.is_file() and str(path).lower().endswith(CSV_SUFFIXES)
+
+
+def find_build_dataset(folder: Path) -> Path | None:
+    """``folder/final/dataset`` or ``folder/dataset`` when ``folder`` is a build's output (or its ``final``).
+
+    ``None`` when ``folder`` holds neither. A build without the ``_SUCCESS`` marker of its final
+    stage is unfinished (or failed) and is refused with :class:`TrainDataError`.
+    """
+    for final in (folder / BUILD_FINAL, folder):
+        if (final / "dataset").is_dir():
+            if not (final / SUCCESS).is_file():
+                raise TrainDataError(
+                    f"{final}: the build is unfinished (no {SUCCESS}); rerun the same build-hierarcaps command first"
+                )
+            return final / "dataset"
+    return None
+
+
+def build_dataset_dir(build_output_dir: Path) -> Path:
+    """The ``DatasetDict`` folder of a finished build: ``OUT/final/dataset`` (``OUT`` or ``OUT/final`` given)."""
+    found = find_build_dataset(Path(build_output_dir))
+    if found is None:
+        raise TrainDataError(
+            f"{build_output_dir}: no {BUILD_FINAL}/dataset folder; give the --output-dir of a finished build-hierarcaps run"
+        )
+    return found
+
+
+def dataset_folder(path: Path) -> Path:
+    """``path`` itself when ``save_to_disk`` wrote it, else the dataset of the build output ``path``."""
+    if any((path / marker).is_file() for marker in _DATASET_MARKERS):
+        return path
+    found = find_build_dataset(path)
+    if found is None:
+        raise TrainDataError(
+            f"{path}: neither a dataset folder (save_to_disk) nor a build-hierarcaps output folder with "
+            f"{BUILD_FINAL}/dataset; give a finished build's --output-dir, its {BUILD_FINAL}/dataset, or a release CSV"
+        )
+    return found
+
+
+def plumbing_check_warning(source: str) -> str | None:
+    """A warning when ``source`` is a build made as a plumbing check (smoke profile), else ``None``.
+
+    Read from the build's ``manifest.json`` (``plumbing_check: true``) beside its dataset folder.
+    """
+    path = Path(source)
+    if not path.is_dir():
+        return None
+    manifest = dataset_folder(path).parent / MANIFEST
+    if not manifest.is_file() or not json.loads(manifest.read_text(encoding="utf-8")).get("plumbing_check"):
+        return None
+    return (
+        f"{source}: this build is a plumbing check (smoke profile; {manifest} has plumbing_check: true); "
+        "its captions are not usable data, so the trained model checks the plumbing only"
+    )
 
 
 def _to_schema(table: Dataset, origin: str) -> Dataset:
@@ -67,11 +137,22 @@ def _to_schema(table: Dataset, origin: str) -> Dataset:
 
 
 def load_rows(source: str, split: str = "train") -> Dataset:
-    """Schema rows of ``split`` from a dataset folder, a release CSV or a Hub dataset id."""
+    """Schema rows of ``split`` from a dataset or build folder, a release CSV or a Hub dataset id.
+
+    Raises :class:`TrainDataError` (one line naming the file, and the line where there is one).
+    """
+    try:
+        return _load_rows(source, split)
+    except SchemaError as err:  # a bad release CSV or dataset folder; the message names file and line
+        raise TrainDataError(str(err)) from None
+
+
+def _load_rows(source: str, split: str) -> Dataset:
     path = Path(source)
     if _is_csv(path):
         return release_to_rows(read_release_csv(path))
     if path.is_dir():
+        path = dataset_folder(path)
         splits = load_dataset_folder(path)
         if split not in splits:
             raise TrainDataError(f"{path}: no split {split!r} (has {', '.join(splits)}); set data.split")
@@ -102,21 +183,25 @@ def excluded_names(sources: Sequence[str]) -> set[str]:
     names: set[str] = set()
     for source in sources:
         path = Path(source)
-        if _is_csv(path):
-            tables = [release_to_rows(read_release_csv(path))]
-        elif path.is_dir():
-            tables = list(load_dataset_folder(path).values())
-        else:
+        if not (_is_csv(path) or path.is_dir()):
             raise TrainDataError(f"data.exclude_images_from: {source}: no such release CSV or dataset folder")
+        try:
+            if _is_csv(path):
+                tables = [release_to_rows(read_release_csv(path))]
+            else:
+                tables = list(load_dataset_folder(dataset_folder(path)).values())
+        except (SchemaError, TrainDataError) as err:
+            raise TrainDataError(f"data.exclude_images_from: {err}") from None
         for table in tables:
             names.update(image_name(r) for r in table["image_ref"] if r)
     return names
 
 
 def index_texts(positive: list[list[str]], negative: list[list[str]]) -> tuple[list[str], np.ndarray]:
-    """Unique texts (first-seen order) and the (N, 8) index of every item's P1..P4, N1..N4 in them."""
+    """Unique texts (first-seen order) and the (N, 2L) index of every item's P1..PL, N1..NL in them."""
     lookup: dict[str, int] = {}
-    index = np.empty((len(positive), TEXTS_PER_ITEM), dtype=np.int64)
+    width = len(positive[0]) + len(negative[0]) if positive else TEXTS_PER_ITEM
+    index = np.empty((len(positive), width), dtype=np.int64)
     for j, (pos, neg) in enumerate(zip(positive, negative)):
         for k, text in enumerate([*pos, *neg]):
             index[j, k] = lookup.setdefault(text, len(lookup))
@@ -169,3 +254,40 @@ def resolve_images(data: TrainData, images_dir: str | Path) -> list[Path]:
         return resolve_image_refs(data.image_refs, Path(images_dir))
     except FileNotFoundError as err:
         raise TrainDataError(f"data.images_dir: {err}") from None
+
+
+def images_for_training(data: TrainData, images_dir: str | Path) -> tuple[TrainData, list[ImageLocation], dict[str, int]]:
+    """The items that have an image, their image locations, and the skipped items per reason.
+
+    ``images_dir`` written by ``hierarcaps fetch-images`` (it holds ``images.parquet``): items whose
+    image failed to download are skipped (counted per failure reason; ``no_image_ref`` for items
+    without a reference). Any other folder: every item's image must be in it (:func:`resolve_images`).
+    Raises :class:`TrainDataError` when a reference is not in the mapping or no item is left.
+    """
+    if not is_fetched_folder(images_dir):
+        return data, list(resolve_images(data, images_dir)), {}
+    try:
+        fetched = load_image_map(images_dir)
+    except FetchError as err:
+        raise TrainDataError(f"data.images_dir: {err}") from None
+    unknown = [ref for ref in data.image_refs if ref and ref not in fetched]
+    if unknown:
+        raise TrainDataError(
+            f"data.images_dir: {len(unknown)} image reference(s) of {data.source} are not in {Path(images_dir) / MAPPING_FILE}, "
+            f"e.g. {unknown[:3]}; run hierarcaps fetch-images {data.source} --output {images_dir}"
+        )
+    keep, skipped = [], Counter()
+    for j, ref in enumerate(data.image_refs):
+        status = fetched[ref].status if ref else "no_image_ref"
+        if status == OK:
+            keep.append(j)
+        else:
+            skipped[status] += 1
+    if not keep:
+        raise TrainDataError(f"data.images_dir: no item of {data.source} has a fetched image in {images_dir} (skipped: {dict(skipped)})")
+    kept = TrainData(
+        [data.ids[j] for j in keep], [data.positive[j] for j in keep], [data.negative[j] for j in keep],
+        [data.image_refs[j] for j in keep], data.source, excluded=data.excluded,
+    )
+    kept.texts, kept.index = index_texts(kept.positive, kept.negative)
+    return kept, [fetched[ref].location for ref in kept.image_refs], dict(sorted(skipped.items()))

@@ -4,14 +4,18 @@ One step (SPEC section 3), for a batch of B train items:
 
 1. the 8 texts of every item (P1..P4, N1..N4) and the empty string ``""`` go through the
    *trainable* text encoder in one batched forward: (8B + 1, D), normalised; the last row is
-   the root r, so the root moves with the model and receives gradients;
+   the root r, so the root moves with the model and receives gradients. A taxonomy table
+   (``data.format=taxonomy``, :mod:`finetune.taxonomy_data`) gives 2L texts per item, one
+   positive and one sibling negative per rank, masks for the missing ones, and the root text
+   ``taxonomy.root_text`` (``Eukarya``);
 2. RCME also encodes the items' images through the trainable image tower;
 3. the loss of :mod:`finetune.losses` is computed and back-propagated; every
    ``gradient_accumulation_steps`` micro-batches AdamW steps.
 
 The level-restricted contrastive loss (``loss.name=level``, BioCLIP-HC) reads a HierarCaps item
 as an image with one label per level: the four positive tiers T1..T4 are the levels, and two
-items share a level-l label when their tier-l texts are equal (:func:`level_batch`). Its step
+items share a level-l label when their tier-l texts are equal (:func:`level_batch`); a taxonomy
+item has one level per rank, and an item lacking a rank sits out that level. Its step
 encodes only the batch's *distinct* positive texts (general tiers such as ``animal`` recur) and
 the images; negatives and the root are not used. Both towers train; the logit scale is frozen.
 
@@ -52,14 +56,15 @@ from torch import nn
 
 from finetune.backends import Backend, load_backend
 from finetune.config import IMAGE_LOSSES, FinetuneSettings, SettingsError, resolve, to_dict
-from finetune.data import TEXTS_PER_ITEM, TrainData, load_train_data, resolve_images
+from finetune.data import TrainData, images_for_training
 from finetune.geometry import normalize
 from finetune.losses import ec_loss, level_contrastive_loss, rcme_loss, re_loss
-from hierarcaps.hierarchy import N_TIERS
+from finetune.taxonomy_data import TaxonomyTrainData, load_settings_data, taxonomy_image_paths
+from hierarcaps.images import ImageLocation, open_image
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that fix the sequence of batches and updates; resuming with other values is refused.
-_RESUME_KEYS = ("model", "data", "loss", "optim", "run.seed")
+_RESUME_KEYS = ("model", "data", "taxonomy", "loss", "optim", "run.seed")
 
 
 class TrainError(RuntimeError):
@@ -145,7 +150,7 @@ def batch_plan(n_items: int, batch_size: int, epoch: int, seed: int, world: int 
 class _Items(torch.utils.data.Dataset):
     """Item index -> (index, RGB image or None); images load in DataLoader workers."""
 
-    def __init__(self, image_paths: list[Path] | None) -> None:
+    def __init__(self, image_paths: list[ImageLocation] | None) -> None:
         self.image_paths = image_paths
 
     def __len__(self) -> int:  # pragma: no cover - batches come from a batch sampler
@@ -154,9 +159,7 @@ class _Items(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[int, Any]:
         if self.image_paths is None:
             return j, None
-        from finetune.evaluation.common import open_rgb
-
-        return j, open_rgb(self.image_paths[j])
+        return j, open_image(self.image_paths[j])
 
 
 def _collate(batch: list[tuple[int, Any]]) -> tuple[list[int], list[Any] | None]:
@@ -169,32 +172,42 @@ def _collate(batch: list[tuple[int, Any]]) -> tuple[list[int], list[Any] | None]
 
 
 def batch_texts(data: TrainData, items: Sequence[int]) -> list[str]:
-    """The 8 texts of each item (P1..P4, N1..N4), item after item, then ``""`` for the root."""
-    return [data.texts[k] for j in items for k in data.index[j]] + [""]
+    """The 2L texts of each item (P1..PL, N1..NL), item after item, then the root text (``""``)."""
+    return [data.texts[k] for j in items for k in data.index[j]] + [data.root_text]
+
+
+def batch_masks(data: TrainData, items: Sequence[int], device: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(B, L) masks of the existing positive and negative texts, or (None, None) when all exist."""
+    if data.mask is None:
+        return None, None
+    mask = torch.as_tensor(data.mask[list(items)], device=device)
+    return mask[:, : data.levels], mask[:, data.levels :]
 
 
 def level_batch(data: TrainData, items: Sequence[int]) -> tuple[list[str], torch.Tensor]:
     """The batch's distinct positive tier texts and every item's label id per level.
 
-    Returns ``texts`` (U,) and ``labels`` (B, 4) with ``texts[labels[b, l]]`` = tier l+1 of item
+    Returns ``texts`` (U,) and ``labels`` (B, L) with ``texts[labels[b, l]]`` = tier l+1 of item
     b: equal texts share an id, different texts never do. Ids index ``texts``, so the embedding
     of each label is one row of the encoded ``texts``.
     """
-    unique, inverse = np.unique(data.index[list(items), :N_TIERS], return_inverse=True)  # text ids
+    levels = data.levels
+    unique, inverse = np.unique(data.index[list(items), :levels], return_inverse=True)  # text ids
     texts = [data.texts[k] for k in unique]
-    return texts, torch.as_tensor(inverse.reshape(len(items), N_TIERS), dtype=torch.long)
+    return texts, torch.as_tensor(inverse.reshape(len(items), levels), dtype=torch.long)
 
 
 def _level_loss(
     module: nn.Module, backend: Backend, data: TrainData, items: Sequence[int], images: list[Any] | None
 ) -> dict[str, torch.Tensor]:
-    """Level-restricted contrastive loss of one micro-batch: ``level1``..``level4`` and ``total``."""
+    """Level-restricted contrastive loss of one micro-batch: ``level1``..``levelL`` and ``total``."""
     if images is None:
         raise SettingsError("loss.name=level needs images: set data.images_dir to the folder holding the train images")
     texts, labels = level_batch(data, items)
     text, image = module(backend.tokenize(texts), backend.preprocess(images))  # (U, D), (B, D)
     labels = labels.to(text.device)
-    out = level_contrastive_loss(image, text[labels], labels, backend.logit_scale)  # text[labels]: (B, 4, D)
+    mask, _ = batch_masks(data, items, text.device)
+    out = level_contrastive_loss(image, text[labels], labels, backend.logit_scale, mask)  # text[labels]: (B, L, D)
     return {**{f"level{i + 1}": v for i, v in enumerate(out["per_level"])}, "total": out["total"]}
 
 
@@ -214,18 +227,21 @@ def batch_loss(
     tokens = backend.tokenize(batch_texts(data, items))
     pixels = backend.preprocess(images) if images is not None else None
     text, image = module(tokens, pixels)
-    chains = text[:-1].view(len(items), TEXTS_PER_ITEM, -1)  # (B, 8, D)
-    pos, neg, root = chains[:, :4], chains[:, 4:], text[-1]
+    levels = data.levels
+    chains = text[:-1].view(len(items), 2 * levels, -1)  # (B, 2L, D)
+    pos, neg, root = chains[:, :levels], chains[:, levels:], text[-1]
+    pos_mask, neg_mask = batch_masks(data, items, text.device)
     if loss.name == "rcme":
-        return rcme_loss(pos, neg, root, image, backend.logit_scale, alpha=loss.rcme_alpha, beta=loss.rcme_beta)
+        return rcme_loss(pos, neg, root, image, backend.logit_scale, alpha=loss.rcme_alpha, beta=loss.rcme_beta,
+                         pos_mask=pos_mask, neg_mask=neg_mask)
     pos_ref = neg_ref = None
     if reference is not None:
-        ref = reference[torch.as_tensor(data.index[list(items)])].to(text.device)  # (B, 8, D)
-        pos_ref, neg_ref = ref[:, :4], ref[:, 4:]
+        ref = reference[torch.as_tensor(data.index[list(items)])].to(text.device)  # (B, 2L, D)
+        pos_ref, neg_ref = ref[:, :levels], ref[:, levels:]
     weights = tuple(loss.weights)
     if loss.name == "ec":
-        return ec_loss(pos, neg, root, pos_ref, neg_ref, loss.ec_margin, loss.ec_epsilon, weights)
-    return re_loss(pos, neg, root, pos_ref, neg_ref, weights)
+        return ec_loss(pos, neg, root, pos_ref, neg_ref, loss.ec_margin, loss.ec_epsilon, weights, pos_mask, neg_mask)
+    return re_loss(pos, neg, root, pos_ref, neg_ref, weights, pos_mask, neg_mask)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -360,9 +376,24 @@ def _make_accelerator(settings: FinetuneSettings) -> Any:
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, settings: FinetuneSettings, total_steps: int) -> Any:
+    """The learning-rate schedule; only the learning rate moves, AdamW's betas stay as configured.
+
+    ``cycle_momentum=False``: PyTorch's one-cycle default would also cycle β1 between 0.95 and 0.85,
+    silently overriding ``optim.betas`` (RCME's recipe fixes β = (0.9, 0.98)).
+    """
     if settings.optim.scheduler == "one-cycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.optim.lr, total_steps=max(total_steps, 1))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=settings.optim.lr, total_steps=max(total_steps, 1), cycle_momentum=False,
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _schedule_record(scheduler: Any) -> dict[str, Any]:
+    """What run.json records of the schedule: its class and the settings that shape it."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return {"name": "one-cycle", "cycle_momentum": scheduler.cycle_momentum, "total_steps": scheduler.total_steps,
+                "pct_start": 0.3, "anneal_strategy": "cos", "div_factor": 25.0, "final_div_factor": 1e4}
+    return {"name": "constant"}
 
 
 def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -385,14 +416,17 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
     accelerator = _make_accelerator(settings)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_train_data(settings.data.source, settings.data.split, settings.data.exclude_images_from, settings.data.max_items)
-    image_paths = None
+    data = load_settings_data(settings)
+    image_paths, skipped = None, {}
     if settings.loss.name in IMAGE_LOSSES:
         if not settings.data.images_dir:
             raise SettingsError(
                 f"loss.name={settings.loss.name} needs images: set data.images_dir to the folder holding the train images"
             )
-        image_paths = resolve_images(data, settings.data.images_dir)
+        if isinstance(data, TaxonomyTrainData):
+            image_paths = taxonomy_image_paths(data.image_refs, settings.data.images_dir)
+        else:
+            data, image_paths, skipped = images_for_training(data, settings.data.images_dir)
 
     backend = load_backend(
         settings.model.backend, settings.model.name_or_path, device=accelerator.device,
@@ -445,7 +479,9 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
         "seed": run.seed,
         "versions": _versions(),
         "counts": {
-            "items": len(data), "excluded_items": data.excluded, "unique_texts": len(data.texts),
+            "items": len(data), "excluded_items": data.excluded, "unique_texts": len(data.texts), "levels": data.levels,
+            **({"negatives_without_sibling": data.no_sibling} if isinstance(data, TaxonomyTrainData) else {}),
+            "skipped_items_without_image": sum(skipped.values()), "skipped_by_reason": skipped,
             "trainable_parameters": sum(p.numel() for p in params), "trainable_tensors": len(trainable),
             "processes": world, "micro_batches_per_epoch": micro_per_epoch,
             "optimizer_steps_per_epoch": steps_per_epoch, "total_optimizer_steps": total_steps,
@@ -453,6 +489,7 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
         "device": str(accelerator.device),
         "mixed_precision": run.mixed_precision,
         "reference_seconds": round(reference_seconds, 3),
+        "schedule": _schedule_record(scheduler),
     }
     if accelerator.is_main_process:
         _write_json(output_dir / "run.json", {**record_base, "status": "running", "resumed_from_step": step})
@@ -488,11 +525,12 @@ def train(settings: FinetuneSettings, *, progress: bool = False, on_step: Callab
                 micro.append({k: v.detach() for k, v in terms.items()})
             if optim.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(params, optim.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = _record(accelerator, micro, step, epoch, scheduler, train_start, step - start_step)
+            record = _record(accelerator, micro, step, epoch, lr, train_start, step - start_step)
             if accelerator.is_main_process:
                 _append_log(log_path, record)
                 if bar is not None:
@@ -527,15 +565,16 @@ def _trainer_state(optimizer: Any, scheduler: Any, step: int, epoch: int) -> dic
 
 
 def _record(
-    accelerator: Any, micro: list[dict[str, torch.Tensor]], step: int, epoch: int, scheduler: Any,
+    accelerator: Any, micro: list[dict[str, torch.Tensor]], step: int, epoch: int, lr: float,
     train_start: float, steps_done: int,
 ) -> dict[str, Any]:
-    """One log record: loss terms averaged over the step's micro-batches and over processes."""
+    """One log record: loss terms averaged over the step's micro-batches and over processes, and the
+    learning rate the step's update used."""
     keys = [k for k in micro[0] if micro[0][k].ndim == 0]
     means = torch.stack([torch.stack([m[k].float() for m in micro]).mean() for k in keys])
     means = accelerator.reduce(means, reduction="mean") if accelerator.num_processes > 1 else means
     elapsed = time.perf_counter() - train_start
-    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+    record: dict[str, Any] = {"step": step, "epoch": epoch, "lr": lr}
     record.update({f"loss/{k}": float(v) for k, v in zip(keys, means.tolist())})
     record["steps_per_second"] = round(steps_done / elapsed, 4) if elapsed > 0 else None
     return record

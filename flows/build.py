@@ -16,7 +16,8 @@ remote worker that sees the output folder.
 By default no server is needed: ``build-hierarcaps`` starts Prefect's temporary API on SQLite
 under ``PREFECT_HOME``, out of reach of the terminal's Ctrl-C (:mod:`flows.server`). At the end
 a summary (counts per stage, rejections per reason, seconds) is printed and saved as a Prefect
-table artifact.
+table artifact, with each stage's throughput (generate calls, prompt and generated tokens, NLI
+pairs and cache hits, tokens/s, pairs/s).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def build_hierarcaps(settings: dict[str, Any], output_dir: str) -> dict[str, Any
     table = format_table(rows)
     print(f"Build summary ({pipe.output_dir}):\n{table}")
     create_table_artifact(key="build-hierarcaps-summary", table=rows,
-                          description=f"Counts, rejections and time per stage of {pipe.output_dir}")
+                          description=f"Counts, rejections, time and throughput per stage of {pipe.output_dir}")
     if pipe.settings.plumbing_check:
         print(PLUMBING_BANNER)
     return {"final": str(pipe.dirs[FINAL].path), "summary": rows}

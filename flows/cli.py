@@ -4,6 +4,7 @@ Build (resumable: rerun the same command after a failure or Ctrl-C)::
 
     build-hierarcaps --output-dir OUT [--profile paper|smoke] [--config FILE.toml|.yaml]
                      [--set key=value ...] [--dry-run]
+                     [--estimate [--estimate-from FOLDER | --calibrate N]]
                      [--task-runner thread|dask] [--dask-address tcp://HOST:PORT]
 
 Publish to the Hugging Face Hub (private unless ``--public``)::
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flows.server import ServerStartError, TemporaryServer
+from hierarcaps.estimate import add_estimate_arguments, print_estimate
 from hierarcaps.summary import format_table, kept_work, summary_rows
 
 # hierarcaps.settings, hierarcaps.models and Prefect import torch, transformers or a web stack
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved plan, check the settings, caption files and local model folders "
                         "(no model is loaded), and exit (status 2 when a check fails)")
+    add_estimate_arguments(parser)
     parser.add_argument("--task-runner", default="thread", choices=("thread", "dask"),
                         help="run shards in local threads (default) or on a Dask cluster")
     parser.add_argument("--dask-address", help="scheduler address for --task-runner dask, e.g. tcp://10.0.0.1:8786 "
@@ -174,6 +177,8 @@ def _server() -> TemporaryServer | None:
 
 def main_build(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    if (args.estimate or args.estimate_from or args.calibrate is not None) and not args.dry_run:
+        build_parser().error("--estimate, --estimate-from and --calibrate need --dry-run (nothing is built)")
     # Without a finished final stage the build will run: the server boots while the libraries load.
     # With one, it may be a no-op rerun, which starts no server at all.
     server = None if args.dry_run or (args.output_dir / "final" / "_SUCCESS").is_file() else _server()
@@ -200,7 +205,13 @@ def _prepare_and_run(args: argparse.Namespace, server: TemporaryServer | None) -
     read_captions = not pipe.is_done("captions")
     if args.dry_run:
         print(describe_plan(pipe))
-        if _report(check_inputs(settings, read_captions=read_captions)):
+        problems = check_inputs(settings, read_captions=read_captions)
+        if args.estimate or args.estimate_from is not None or args.calibrate is not None:
+            # an estimate needs only the configured counts: a build plan without its caption files yet is fine
+            for problem in problems:
+                print(f"build-hierarcaps: warning (the build needs it, the estimate does not): {problem}", file=sys.stderr)
+            return print_estimate(settings, args.output_dir, args)
+        if _report(problems):
             return 2
         print("checked: settings, caption files, local model folders (no model was loaded)")
         return 0

@@ -8,9 +8,19 @@
 * ``hierarcaps convert out/ test.csv --split test`` writes one split back as a release CSV
   (``.csv.gz`` compresses); ``--layout`` forces ``curated``, ``expanded`` or ``expanded_id``.
 
+``hierarcaps fetch-images SOURCE --output DIR`` downloads the images of a build output, dataset
+folder or release CSV with img2dataset and writes the mapping ``DIR/images.parquet`` that
+``hierarcaps-finetune --set data.images_dir=DIR`` reads (see :mod:`hierarcaps.images`); a rerun
+fetches only what is missing.
+
 ``hierarcaps tiny-model KIND OUT`` writes a tiny random model (``hf_clip``, ``open_clip``,
 ``nli``, ...) into OUT: an offline stand-in for plumbing checks of ``hierarcaps-finetune`` and
 ``hierarcaps-eval`` on machines that cannot download weights. Its numbers mean nothing.
+
+``hierarcaps review SOURCE --split test [--sample N --seed S] [--port P] [--images DIR]`` serves a
+local page to judge a build's (or dataset folder's, or release CSV's) items tier by tier;
+``hierarcaps review export SOURCE --split test`` writes the curated split and its agreement
+statistics (:mod:`hierarcaps.review`).
 
 Errors about the input (wrong header, a hierarchy without four tiers, a missing split) print one
 line naming the file and line and exit with status 2.
@@ -24,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hierarcaps.formats import convert
+from hierarcaps.images import OUTPUT_FORMATS, RESIZE_MODES, FetchError, FetchSettings, fetch_images
 from hierarcaps.schema import RELEASE_LAYOUTS, SchemaError
 from hierarcaps.tiny_models import KINDS, build_tiny_model
 
@@ -49,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="folder -> CSV only: the release layout (default: curated when no row has negatives, else expanded)",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output CSV or split")
+    _fetch_parser(commands)
     tiny = commands.add_parser(
         "tiny-model",
         help="write a tiny random model (offline plumbing checks)",
@@ -57,7 +69,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("kind", metavar="KIND", choices=KINDS, help=f"one of: {', '.join(KINDS)}")
     tiny.add_argument("output", metavar="OUT", help="folder to create (must not exist or be empty)")
+    # listed for --help; `hierarcaps review ...` is parsed by hierarcaps.review.cli
+    commands.add_parser("review", help="judge built hierarchies in a local web page (then: review export)")
     return parser
+
+
+def _fetch_parser(commands: argparse._SubParsersAction) -> None:
+    defaults = FetchSettings()
+    fetch = commands.add_parser(
+        "fetch-images",
+        help="download a dataset's images (img2dataset)",
+        description="Download every distinct image reference of a build output (OUT or OUT/final), a dataset "
+        "folder or a release CSV with img2dataset; write DIR/images.parquet (image_ref -> file, status) and "
+        "DIR/fetch_report.json (counts per failure reason). A rerun fetches only what is missing.",
+    )
+    fetch.add_argument("source", metavar="SOURCE", help="build output folder, dataset folder or release CSV")
+    fetch.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the images, mapping and report")
+    fetch.add_argument("--split", help="only this split of a dataset folder (default: every split)")
+    fetch.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default=defaults.output_format,
+                       help="image files in shard folders, or webdataset tar shards (default: %(default)s)")
+    fetch.add_argument("--image-size", type=int, default=defaults.image_size,
+                       help="resize larger images to this size (default: %(default)s)")
+    fetch.add_argument("--resize-mode", choices=RESIZE_MODES, default=defaults.resize_mode,
+                       help="img2dataset resize mode; keep_ratio: shorter side = image size (default: %(default)s)")
+    fetch.add_argument("--min-image-size", type=int, default=defaults.min_image_size,
+                       help="reject images whose shorter side is smaller, reason too_small (default: %(default)s)")
+    fetch.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds per request (default: %(default)s)")
+    fetch.add_argument("--retries", type=int, default=defaults.retries, help="retries per URL (default: %(default)s)")
+    fetch.add_argument("--processes", type=int, default=defaults.processes, help="download processes (default: %(default)s)")
+    fetch.add_argument("--threads", type=int, default=defaults.threads, help="threads per process (default: %(default)s)")
+    fetch.add_argument("--shard-size", type=int, default=defaults.shard_size, help="images per shard (default: %(default)s)")
+    fetch.add_argument("--retry-failed", action="store_true",
+                       help="also retry not_found, not_an_image, too_small and disallowed images (transient failures "
+                       "are always retried)")
+    fetch.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fetch_images(args: argparse.Namespace) -> int:
+    names = ("output_format", "image_size", "resize_mode", "min_image_size", "timeout", "retries", "processes",
+             "threads", "shard_size")
+    settings = FetchSettings(**{name: getattr(args, name) for name in names})
+    try:
+        result = fetch_images(args.source, args.output, settings, args.split, args.retry_failed, not args.no_progress)
+    except FetchError as err:
+        print(f"hierarcaps fetch-images: error: {err}", file=sys.stderr)
+        return 2
+    failed = sum(result.failed.values())
+    reasons = ", ".join(f"{reason} {n}" for reason, n in result.failed.items())
+    print(f"{result.ok} of {result.refs} images fetched ({result.requested} requested this run)"
+          + (f"; {failed} failed: {reasons}" if failed else ""))
+    print(f"mapping {result.mapping}; report {result.report}")
+    return 0
 
 
 def _tiny_model(kind: str, output: str) -> int:
@@ -72,7 +134,14 @@ def _tiny_model(kind: str, output: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hierarcaps`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["review"]:
+        from hierarcaps.review.cli import review_main
+
+        return review_main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "fetch-images":
+        return _fetch_images(args)
     if args.command == "tiny-model":
         return _tiny_model(args.kind, args.output)
     if args.command == "convert":

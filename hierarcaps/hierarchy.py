@@ -119,18 +119,14 @@ def completer_prompt(tiers: Sequence[str], delimiter: str) -> str:
 
 
 def split_chain(text: str, delimiter: str) -> list[str]:
-    """Split a completer string into stripped tiers, in the order written.
+    """Split a completer output into stripped tiers, in the order written.
 
-    A trailing delimiter (a prompt prefix such as ``T1 → T2 →``) adds no empty tier, and the
-    bare delimiter gives ``[]``. Empty tiers in the middle are kept (as ``""``) so that the
-    structural checks can reject them by name.
+    Every delimiter separates two tiers: empty tiers are kept (as ``""``), a trailing one too
+    (``a ← b ← c ←`` is four tiers, the last empty, not three), so that the structural checks
+    reject them by name. Only a blank text gives ``[]``.
     """
     parts = [normalize_text(p) for p in text.split(delimiter)]
-    if parts and parts[-1] == "":
-        parts.pop()
-    if parts == [""]:
-        return []
-    return parts
+    return [] if parts == [""] else parts
 
 
 def first_tier(text: str, delimiter: str = FORWARD) -> str:

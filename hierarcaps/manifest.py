@@ -2,7 +2,7 @@
 
 ``manifest.json`` sits beside the final dataset. It records the resolved settings, the
 installed package versions, the Python and platform, the models (with revisions) each stage
-used, the counts of every stage and split, the stage directories of the lineage, and the
+used, how each generating stage sampled (library, temperature, top-k, top-p), the counts of every stage and split, the stage directories of the lineage, and the
 sha256 of every file of the output, so a reader can check that a dataset on disk (or on the
 Hub) is the one the manifest describes (:func:`verify_manifest`).
 """
@@ -55,8 +55,12 @@ def build_manifest(
     models: Mapping[str, Any],
     stages: list[Mapping[str, Any]],
     validation: Mapping[str, Any],
+    sampling: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of the output folder ``root`` (hashes are taken now, of the files present)."""
+    """The manifest of the output folder ``root`` (hashes are taken now, of the files present).
+
+    ``sampling``: per generating stage the library, temperature, top_k and top_p it sampled with.
+    """
     return {
         "manifest_version": MANIFEST_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -65,6 +69,7 @@ def build_manifest(
         "counts": to_jsonable(counts),
         "models": to_jsonable(models),
         "stages": to_jsonable(stages),
+        "sampling": to_jsonable(sampling or {}),
         "validation": to_jsonable(validation),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

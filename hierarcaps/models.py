@@ -22,10 +22,17 @@ an existing file is loaded with transformers' GGUF support (for example SmolLM2 
 Whatever goes wrong while loading (no network, gated repository, unknown revision, missing
 package, no CUDA for 4-bit) surfaces as :class:`ModelLoadError`, whose message names the model
 and revision and says what to do. :func:`describe_model` records what was loaded for manifests.
+
+:func:`provenance_id` names a model the same way on every machine, for the dataset's
+``provenance`` column and the manifest: a hub model by ``id@revision``, a local folder or file
+by its name and the sha256 of its files' bytes (:func:`content_hash`), never by an absolute path
+or a file time, so identical builds in different folders give identical datasets.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -69,7 +76,9 @@ class ModelSpec:
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (any ``torch.device`` string).
     quantization: ``None`` or ``"4bit"`` (bitsandbytes NF4, CUDA only). ``"none"`` means ``None``.
     trust_remote_code: run the repository's own modelling code (off unless you trust it).
-    batch_size: examples per forward/generate call in the stage that uses the model.
+    batch_size: most examples per model call. NLI: pairs per forward pass. Generating roles:
+        sequences (prompts x samples) per ``generate`` call, a stage's batch being split into
+        several calls (vLLM: ``max_num_seqs``); ``None``: a stage's whole batch in one call.
     """
 
     name_or_path: str
@@ -78,7 +87,7 @@ class ModelSpec:
     device: str = "auto"
     quantization: str | None = None
     trust_remote_code: bool = False
-    batch_size: int = 16
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -95,7 +104,7 @@ class ModelSpec:
                 f"model {self.name_or_path!r}: dtype {self.dtype!r} is not supported; "
                 f"use auto, {', '.join(DTYPES)}"
             )
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"model {self.name_or_path!r}: batch_size must be >= 1, got {self.batch_size}")
 
     @property
@@ -260,6 +269,62 @@ def load_nli(spec: ModelSpec) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+#: Files in a model folder that record a run, not the model; left out of its content hash.
+RUN_RECORD_FILES = frozenset({"_SUCCESS", "training_log.json"})
+_HASH_CHARS = 16
+_CHUNK = 1 << 20
+
+
+def content_hash(path: str | Path) -> str:
+    """First 16 hex digits of the sha256 of a model file, or of a folder's files, by content only.
+
+    A folder hashes its files' relative names, sizes and bytes in name order (``RUN_RECORD_FILES``
+    left out), so a copy elsewhere, or the same training rerun, hashes alike. Memoised per
+    process on the files' names, sizes and mtimes (the mtimes only decide when to hash again).
+    """
+    root = Path(path).expanduser().resolve()
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.name not in RUN_RECORD_FILES
+    )
+    stamp = tuple((p.relative_to(root).as_posix() if p != root else p.name, p.stat().st_size,
+                   p.stat().st_mtime_ns) for p in files)
+    return _hash_files(str(root), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(root: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    base = Path(root)
+    for name, size, _ in stamp:
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(base if base.is_file() else base / name, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:_HASH_CHARS]
+
+
+def provenance_id(spec: ModelSpec, name: str | None = None, commit: str | None = None) -> str:
+    """How provenance names the model of ``spec``, the same on every machine.
+
+    A local folder or file: ``<name>#sha256:<content hash>``, ``name`` defaulting to the folder's
+    (or file's) own name; pass the stage name for a model a stage trained. A hub model:
+    ``id@revision``, or ``id@commit`` with the commit the hub resolved when no revision was set.
+    """
+    local = Path(spec.name_or_path).expanduser()
+    if local.exists():
+        return f"{name or local.name}#sha256:{content_hash(local)}"
+    revision = spec.revision or commit
+    return f"{spec.name_or_path}@{revision}" if revision else spec.name_or_path
+
+
+def model_provenance_id(model: Any) -> str:
+    """:func:`provenance_id` of a loaded model: of its spec, else of ``config._name_or_path``."""
+    spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
+    if spec is None:
+        spec = ModelSpec(str(getattr(model.config, "_name_or_path", "") or type(model).__name__))
+    return provenance_id(spec, commit=getattr(model.config, "_commit_hash", None))
+
+
 def describe_model(model: Any) -> dict[str, Any]:
     """What was loaded, for manifests: id, revision, commit, class, dtype, device, parameters."""
     spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
@@ -267,7 +332,7 @@ def describe_model(model: Any) -> dict[str, Any]:
     first = next(model.parameters(), None)
     count = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
     return {
-        "id": spec.name_or_path if spec else getattr(config, "_name_or_path", type(model).__name__),
+        "id": provenance_id(spec) if spec else getattr(config, "_name_or_path", type(model).__name__),
         "revision": spec.revision if spec else None,
         "commit": getattr(config, "_commit_hash", None),
         "class": type(model).__name__,

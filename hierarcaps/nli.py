@@ -7,9 +7,12 @@ is wrapped as ``a picture of: "{}"`` first. "a is entailed by b and does not ent
 
 :class:`NLIScorer` turns a list of ``(premise, hypothesis)`` pairs into three probability
 arrays. It scores each distinct pair once: pairs already seen come from an in-memory cache or
-an optional on-disk SQLite cache keyed by (model, template, premise, hypothesis); the rest run
-through the model in batches of ``batch_size`` (sorted by length to reduce padding), one
-forward pass per batch. The label order comes from ``config.id2label``, never assumed.
+an optional on-disk SQLite cache keyed by (model and its dtype, template, premise, hypothesis), so
+scores of a bf16 run never answer a float32 run; the rest are tokenized once, sorted by token
+length (to reduce padding) and run through the model one forward pass per batch. A batch holds
+at most ``batch_size`` pairs and, when ``max_batch_tokens`` is set, at most that many padded
+tokens (pairs x longest pair): short captions fill the GPU, long ones cannot run it out of
+memory. The label order comes from ``config.id2label``, never assumed.
 
 The decision helpers are plain functions over any object with ``score(pairs) -> NLIScores``
 (so stages can be tested with a scorer double): :func:`entailed_not_entailing` for
@@ -20,7 +23,6 @@ and returns the probabilities it decided on, for provenance.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from hierarcaps.models import ModelSpec, load_nli, nli_label_indices
+from hierarcaps.models import ModelSpec, load_nli, model_provenance_id, nli_label_indices
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -68,7 +70,10 @@ class Scorer(Protocol):
 
 
 class _DiskCache:
-    """SQLite table of scored pairs, one row per (model, template, premise, hypothesis)."""
+    """SQLite table of scored pairs, one row per (model, template, premise, hypothesis).
+
+    The ``model`` column holds :attr:`NLIScorer.cache_key` (model id and dtype).
+    """
 
     _LOOKUP_CHUNK = 400  # pairs per SELECT: 2 parameters each, well under SQLite's limit
 
@@ -111,25 +116,11 @@ class _DiskCache:
         self.connection.close()
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """Short hash of a model folder's file names, sizes and mtimes (cache key for local models)."""
-    digest = hashlib.sha1()
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:12]
-
-
-def _default_model_id(model: Any) -> str:
-    """``id@revision`` for hub models, ``folder#fingerprint`` for local folders."""
+def _model_dtype(model: Any) -> str:
+    """The dtype the model computes in (``float32``, ``bfloat16``, ...), plus its quantization if any."""
+    dtype = str(getattr(model, "dtype", None) or next(model.parameters()).dtype).removeprefix("torch.")
     spec: ModelSpec | None = getattr(model, "hierarcaps_spec", None)
-    name = spec.name_or_path if spec else str(getattr(model.config, "_name_or_path", type(model).__name__))
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return f"{name}#{_folder_fingerprint(folder)}"
-    revision = (spec.revision if spec else None) or getattr(model.config, "_commit_hash", None)
-    return f"{name}@{revision}" if revision else name
+    return f"{dtype}+{spec.quantization}" if spec is not None and spec.quantization else dtype
 
 
 class NLIScorer:
@@ -140,13 +131,19 @@ class NLIScorer:
             neutral and contradiction (any case, any order).
         tokenizer: its tokenizer; pairs are encoded as (premise, hypothesis).
         template: format string each text is wrapped in before scoring.
-        batch_size: pairs per forward pass.
+        batch_size: at most this many pairs per forward pass.
+        max_batch_tokens: at most this many padded tokens (pairs x longest pair) per forward
+            pass; ``None`` or 0: batches of ``batch_size`` pairs. A pair longer than the budget
+            runs alone.
         cache_path: optional SQLite file shared across runs and processes.
         model_id: cache key and provenance name; default ``id@revision`` (hub) or
-            ``folder#fingerprint`` (local folder, so a changed folder does not hit stale scores).
+            ``name#sha256:<content hash>`` (local folder, so a changed folder does not hit stale
+            scores, and the name says nothing of where the folder lies).
 
     Counters: ``forward_calls`` (model forward passes), ``pairs_scored`` (pairs run through
-    the model), ``cache_hits`` (distinct pairs answered from a cache).
+    the model), ``cache_hits`` (distinct pairs answered from a cache), ``padded_tokens``
+    (tokens of all batches, padding included). The cache key (:attr:`cache_key`) is
+    ``model_id`` plus the model's dtype.
     """
 
     def __init__(
@@ -156,6 +153,7 @@ class NLIScorer:
         *,
         template: str = DEFAULT_TEMPLATE,
         batch_size: int = 64,
+        max_batch_tokens: int | None = None,
         cache_path: str | Path | None = None,
         model_id: str | None = None,
     ) -> None:
@@ -163,27 +161,33 @@ class NLIScorer:
             raise ValueError(f"NLI template {template!r} must contain {{}} where the text goes")
         if batch_size < 1:
             raise ValueError(f"NLI batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 0:
+            raise ValueError(f"NLI max_batch_tokens must be >= 0 (0: no budget), got {max_batch_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
         self.batch_size = batch_size
-        self.model_id = model_id or _default_model_id(model)
+        self.max_batch_tokens = max_batch_tokens or None
+        self.model_id = model_id or model_provenance_id(model)
         labels = nli_label_indices(model.config, f"NLI model {self.model_id!r}")
+        self.cache_key = f"{self.model_id}|{_model_dtype(model)}"
         self._label_index = [labels["entailment"], labels["neutral"], labels["contradiction"]]
         self._memory: dict[Pair, tuple[float, float, float]] = {}
         self._disk = _DiskCache(Path(cache_path)) if cache_path is not None else None
         self.forward_calls = 0
         self.pairs_scored = 0
         self.cache_hits = 0
+        self.padded_tokens = 0
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **kwargs: Any) -> "NLIScorer":
         """Load the model of ``spec`` (:func:`hierarcaps.models.load_nli`) and wrap it.
 
-        ``batch_size`` defaults to ``spec.batch_size``; other keyword arguments as in the class.
+        ``batch_size`` defaults to ``spec.batch_size`` (when set); other keyword arguments as in the class.
         """
         model, tokenizer = load_nli(spec)
-        kwargs.setdefault("batch_size", spec.batch_size)
+        if spec.batch_size is not None:
+            kwargs.setdefault("batch_size", spec.batch_size)
         return cls(model, tokenizer, **kwargs)
 
     def score(self, pairs: Sequence[Pair]) -> NLIScores:
@@ -191,40 +195,55 @@ class NLIScorer:
         keys = [(str(premise), str(hypothesis)) for premise, hypothesis in pairs]
         missing = [key for key in dict.fromkeys(keys) if key not in self._memory]
         if missing and self._disk is not None:
-            found = self._disk.lookup(self.model_id, self.template, missing)
+            found = self._disk.lookup(self.cache_key, self.template, missing)
             self._memory.update(found)
             missing = [key for key in missing if key not in found]
         self.cache_hits += len(set(keys)) - len(missing)
-        for batch in self._batches(missing):
-            scored = dict(zip(batch, self._forward(batch)))
+        encoded = self._encode(missing) if missing else None
+        for batch in self._batches([len(ids) for ids in encoded["input_ids"]] if encoded else []):
+            scored = dict(zip([missing[i] for i in batch], self._forward(encoded, batch)))
             self._memory.update(scored)
             if self._disk is not None:
-                self._disk.store(self.model_id, self.template, scored)
+                self._disk.store(self.cache_key, self.template, scored)
         table = np.array([self._memory[key] for key in keys], dtype=np.float64).reshape(len(keys), 3)
         return NLIScores(entailment=table[:, 0], neutral=table[:, 1], contradiction=table[:, 2])
 
-    def _batches(self, pairs: list[Pair]) -> Iterator[list[Pair]]:
-        """Length-sorted batches, so each batch pads to similar lengths."""
-        ordered = sorted(pairs, key=lambda pair: len(pair[0]) + len(pair[1]))
-        for start in range(0, len(ordered), self.batch_size):
-            yield ordered[start : start + self.batch_size]
-
-    def _forward(self, batch: list[Pair]) -> list[tuple[float, float, float]]:
-        """One forward pass: (entailment, neutral, contradiction) per pair."""
-        encoded = self.tokenizer(
-            [self.template.format(premise) for premise, _ in batch],
-            [self.template.format(hypothesis) for _, hypothesis in batch],
-            padding=True,
+    def _encode(self, pairs: list[Pair]) -> Any:
+        """Tokenize every pair once, unpadded (truncated to the model's maximum length)."""
+        return self.tokenizer(
+            [self.template.format(premise) for premise, _ in pairs],
+            [self.template.format(hypothesis) for _, hypothesis in pairs],
             truncation=True,
-            return_tensors="pt",
         )
+
+    def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
+        """Indices of pairs by token length, cut into batches within ``batch_size`` and ``max_batch_tokens``.
+
+        Sorted by length, each batch pads to similar lengths; a batch's padded size is its
+        pair count times its longest pair (the last, as lengths ascend).
+        """
+        batch: list[int] = []
+        for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+            padded = (len(batch) + 1) * lengths[index]
+            if batch and (len(batch) == self.batch_size or (self.max_batch_tokens and padded > self.max_batch_tokens)):
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch
+
+    def _forward(self, encoded: Any, batch: list[int]) -> list[tuple[float, float, float]]:
+        """One forward pass over the pairs ``batch`` (indices into ``encoded``): (e, n, c) per pair."""
+        features = [{key: values[i] for key, values in encoded.items()} for i in batch]
+        padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         with torch.inference_mode():
-            logits = self.model(**encoded.to(device)).logits
+            logits = self.model(**padded.to(device)).logits
         # Softmax in float32: bf16/fp16 logits lose precision near the 0.5 decision threshold.
         probs = logits.float().softmax(dim=-1)[:, self._label_index].cpu().numpy()
         self.forward_calls += 1
         self.pairs_scored += len(batch)
+        self.padded_tokens += int(padded["input_ids"].numel())
         return [tuple(float(p) for p in row) for row in probs]
 
     def close(self) -> None:

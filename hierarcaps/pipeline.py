@@ -44,6 +44,7 @@ import torch
 
 from hierarcaps.stagedir import (
     StageDir,
+    count_rows,
     fingerprint,
     read_rows,
     stage_dir_name,
@@ -51,7 +52,7 @@ from hierarcaps.stagedir import (
     write_json_atomic,
     write_rows,
 )
-from hierarcaps.stats import StageStats
+from hierarcaps.stats import StageStats, merge_all
 
 if TYPE_CHECKING:
     from hierarcaps.settings import BuildSettings
@@ -92,12 +93,15 @@ STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
         StageSpec("captions", 1, (), ("captions",), ()),
-        StageSpec("seeds", 1, ("captions",), ("seeds", "nli"), ("chat_lm", "nli"), sharded=True),
-        StageSpec("augment", 1, ("seeds",), ("augment",), ("base_lm",), sharded=True),
-        StageSpec("completer", 1, ("augment",), ("completer",), ("completer",)),
-        StageSpec("complete_train", 1, ("captions", "completer"), ("complete", "nli"), ("nli",), sharded=True),
-        StageSpec("complete_test", 1, ("captions", "completer"), ("complete", "nli"), ("nli",), sharded=True),
-        StageSpec("negatives", 1, ("complete_train", "completer"), ("negatives", "nli"), ("nli",), sharded=True),
+        StageSpec("seeds", 2, ("captions",), ("seeds", "nli", "generation"), ("chat_lm", "nli"), sharded=True),
+        StageSpec("augment", 1, ("seeds",), ("augment", "generation"), ("base_lm",), sharded=True),
+        StageSpec("completer", 2, ("augment",), ("completer",), ("completer",)),
+        StageSpec("complete_train", 2, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
+                  sharded=True),
+        StageSpec("complete_test", 2, ("captions", "completer"), ("complete", "nli", "generation"), ("nli",),
+                  sharded=True),
+        StageSpec("negatives", 2, ("complete_train", "completer"), ("negatives", "nli", "generation"), ("nli",),
+                  sharded=True),
         StageSpec(FINAL, 1, ("negatives", "complete_test"), ("output",), ()),
     )
 }
@@ -171,10 +175,15 @@ class Pipeline:
             }
         if spec.name == FINAL:
             data["plumbing_check"] = s.plumbing_check
+        if "completer" in spec.upstream:  # the trained completer samples in batches of this size
+            data["completer_batch_size"] = s.models.completer.batch_size
         return data
 
     def _model_specs(self, spec: StageSpec) -> dict[str, Any]:
-        return {role: getattr(self.settings.models, role) for role in spec.models}
+        specs = {role: getattr(self.settings.models, role) for role in spec.models}
+        if spec.name == "completer":  # training: models.completer.batch_size only batches its sampling
+            specs["completer"] = dataclasses.replace(specs["completer"], batch_size=None)
+        return specs
 
     def is_done(self, name: str) -> bool:
         """Finished: ``_SUCCESS`` exists (and, for ``final``, records the current fingerprint)."""
@@ -207,17 +216,18 @@ class Pipeline:
         size = self.settings.sharding.shard_size
         if name == "augment":
             return math.ceil(self.settings.augment.target_count / size)
-        return math.ceil(len(self._shard_input(name)) / size)
+        return math.ceil(count_rows(self._shard_input(name)) / size)
 
-    def _shard_input(self, name: str) -> list[dict[str, Any]]:
+    def _shard_input(self, name: str) -> Path:
+        """The upstream rows a sharded stage reads in slices (written in row groups of one shard)."""
         if name == "seeds":
-            return read_rows(self.upstream_dir(name, "captions") / "seed.parquet")
+            return self.upstream_dir(name, "captions") / "seed.parquet"
         if name == "complete_train":
-            return read_rows(self.upstream_dir(name, "captions") / "train.parquet")
+            return self.upstream_dir(name, "captions") / "train.parquet"
         if name == "complete_test":
-            return read_rows(self.upstream_dir(name, "captions") / "test.parquet")
+            return self.upstream_dir(name, "captions") / "test.parquet"
         if name == "negatives":
-            return read_rows(self.upstream_dir(name, "complete_train") / "rows.parquet")
+            return self.upstream_dir(name, "complete_train") / "rows.parquet"
         raise BuildError(f"stage {name} has no row input to shard")
 
     def run_shard(self, name: str, index: int) -> dict[str, Any]:
@@ -232,7 +242,7 @@ class Pipeline:
             if name == "augment":
                 rows, stats = _augment_shard(self, index)
             else:
-                part = self._shard_input(name)[index * size:(index + 1) * size]
+                part = read_rows(self._shard_input(name), index * size, (index + 1) * size)
                 rows, stats = SHARD_RUNNERS[name](self, part, index)
             write_rows(out.path / "rows.parquet", rows)
             out.record["stats"] = stats.to_dict()
@@ -249,17 +259,18 @@ class Pipeline:
         if missing:
             raise BuildError(f"stage {name}: shards {missing[:10]} are not finished; rerun the build")
         rows: list[dict[str, Any]] = []
-        stats = StageStats(stage=name)
+        shard_stats: list[StageStats] = []
         loaded: dict[str, Any] = {}
         for i in range(n):
             record = stage_dir.shard(i).record()
             rows += read_rows(stage_dir.shard(i).path / "rows.parquet")
-            stats = stats.merge(StageStats.from_dict(record["stats"]))
+            shard_stats.append(StageStats.from_dict(record["stats"]))
             loaded.update(record.get("loaded_models", {}))
+        stats = merge_all(name, shard_stats)
         if name == "augment":
             rows = _drop_cross_shard_duplicates(rows, stats)
         stats.kept = len(rows)
-        write_rows(stage_dir.path / "rows.parquet", rows)
+        write_rows(stage_dir.path / "rows.parquet", rows, row_group_size=self.settings.sharding.shard_size)
         write_json_atomic(stage_dir.path / "stats.json", stats.to_dict())
         stage_dir.mark_success(self._record(name, [stats.to_dict()], loaded, n_shards=n), started)
         return stats.to_dict()
@@ -359,22 +370,56 @@ class Pipeline:
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
             scorer = NLIScorer.from_spec(spec, template=settings.nli.template, batch_size=spec.batch_size,
-                                         cache_path=cache)
+                                         max_batch_tokens=settings.nli.max_batch_tokens, cache_path=cache)
             return LengthRuleScorer(scorer) if settings.nli.decision == "length_rule" else scorer
 
         return _MODELS.get(("nli", spec, settings.nli.template, settings.nli.decision), self._naming_setting("nli", load))
 
-    def generator(self, role: str, spec: Any | None = None) -> Any:
-        """A :class:`~hierarcaps.generation.TextGenerator` over the model of ``role`` (cached per process)."""
+    def backend(self, role: str, spec: Any) -> str:
+        """``hf`` or ``vllm``: the library that samples from the model of ``role`` (``generation.*``).
+
+        The completer follows ``generation.completer_backend``, or when that is unset
+        ``generation.backend`` if it is decoder-only and ``hf`` if it is an encoder-decoder (T5)
+        model, which vLLM cannot run; asking for ``vllm`` with a T5 completer is an error.
+        """
+        g = self.settings.generation
+        if role not in ("completer", "trained_completer"):
+            return g.backend
+        if g.completer_backend is not None:
+            if g.completer_backend == "vllm" and is_encoder_decoder(spec):
+                from hierarcaps.vllm_backend import refuse_encoder_decoder
+
+                refuse_encoder_decoder(spec, "models.completer")
+            return g.completer_backend
+        return "hf" if g.backend == "hf" or is_encoder_decoder(spec) else g.backend
+
+    def generator(self, role: str, spec: Any | None = None, name: str | None = None) -> Any:
+        """A :class:`~hierarcaps.generation.TextGenerator` over the model of ``role`` (cached per process).
+
+        Its ``model_id`` (what provenance records) is :func:`~hierarcaps.models.provenance_id`
+        of the spec; ``name`` names a local model (default: its folder's name).
+        ``models.<role>.batch_size`` caps the sequences per model call; the library is
+        :meth:`backend` (vLLM: :class:`hierarcaps.vllm_backend.VLLMGenerator`).
+        """
         spec = spec or self.model_spec(role)
+        backend = self.backend(role, spec)
 
         def load() -> Any:
+            from hierarcaps.models import provenance_id
+
+            if backend == "vllm":
+                from hierarcaps.vllm_backend import VLLMGenerator
+
+                generator = VLLMGenerator.from_spec(spec, f"models.{role.removeprefix('trained_')}")
+                generator.model_id = provenance_id(spec, name)
+                return generator
             from hierarcaps.generation import TextGenerator
 
             model, tokenizer = load_lm(spec)
-            return TextGenerator(model, tokenizer, model_id=spec.label)
+            model_id = provenance_id(spec, name, commit=getattr(model.config, "_commit_hash", None))
+            return TextGenerator(model, tokenizer, model_id=model_id, batch_size=spec.batch_size)
 
-        return _MODELS.get((role, spec), self._naming_setting(role, load))
+        return _MODELS.get((role, spec, backend), self._naming_setting(role, load))
 
     def _naming_setting(self, role: str, load: Callable[[], Any]) -> Callable[[], Any]:
         """``load`` whose :class:`~hierarcaps.models.ModelLoadError` names the setting ``models.<role>.name_or_path``."""
@@ -423,7 +468,7 @@ def _captions(pipe: Pipeline, out: Path) -> list[StageStats]:
         for name, part in parts.items():
             for index, row in enumerate(part):
                 row["id"] = f"{name}-{index:06d}"
-            write_rows(out / f"{name}.parquet", part)
+            write_rows(out / f"{name}.parquet", part, row_group_size=pipe.settings.sharding.shard_size)
         split_stats.extra.update({f"sampled_{name}": len(part) for name, part in parts.items()})
         stats.append(split_stats)
     return stats
@@ -499,6 +544,7 @@ def _completer(pipe: Pipeline, out: Path) -> list[StageStats]:
         raise BuildError("the augment stage produced no synthetic hierarchy to train the completer on; "
                          "see its rejections")
     spec = pipe.model_spec("completer")
+    pipe.backend("completer", spec)  # a vLLM completer must be decoder-only: fail before training
     model, tokenizer = pipe._naming_setting("completer", lambda: load_lm(spec))()
     _MODELS.described["completer_base"] = _describe(model)
     torch.manual_seed(pipe.settings.completer.seed)
@@ -513,7 +559,7 @@ def _completer_generator(pipe: Pipeline, stage: str) -> Any:
     base = pipe.model_spec("completer")
     folder = pipe.upstream_dir(stage, "completer") / "model"
     spec = ModelSpec(str(folder), dtype=base.dtype, device=base.device, batch_size=base.batch_size)
-    return pipe.generator("trained_completer", spec)
+    return pipe.generator("trained_completer", spec, name="completer")
 
 
 def _complete_shard(stage: str) -> Callable[..., tuple[list[dict[str, Any]], StageStats]]:
@@ -558,11 +604,13 @@ def _final(pipe: Pipeline, out: Path) -> list[StageStats]:
         counts = {name: split.num_rows for name, split in dataset.items()}
         summary = stage_summaries(pipe)
         models = models_used(pipe)
+        sampling = sampling_used(pipe)
         (out / "README.md").write_text(
-            render_card(settings=settings, counts=counts, models=models, stages=summary), encoding="utf-8"
+            render_card(settings=settings, counts=counts, models=models, stages=summary, sampling=sampling),
+            encoding="utf-8",
         )
         write_manifest(out, build_manifest(out, settings=settings, counts=counts, models=models,
-                                           stages=summary, validation=report.to_dict()))
+                                           stages=summary, validation=report.to_dict(), sampling=sampling))
     stats.kept = sum(counts.values())
     return [stats]
 
@@ -581,16 +629,30 @@ WHOLE_RUNNERS: dict[str, Callable[[Pipeline, Path], list[StageStats]]] = {
 
 
 def stage_summaries(pipe: Pipeline) -> list[dict[str, Any]]:
-    """Per finished stage (and caption split): dir, items in, kept, rejected per reason, seconds."""
+    """Per finished stage (and caption split): dir, items in, kept, rejected per reason, seconds,
+    ``extra`` counts and ``throughput`` (tokens/s, pairs/s; recomputed, so older records get it too)."""
     rows = []
     for name in ORDER:
         if name == FINAL or not pipe.dirs[name].is_done():
             continue
         record = pipe.dirs[name].record()
         for stats in record["stats"]:
-            rows.append({**stats, "stage": stats.get("stage", name), "dir": record["lineage"]["dir"],
+            stats = {**stats, "stage": stats.get("stage", name)}
+            rows.append({**StageStats.from_dict(stats).to_dict(), "dir": record["lineage"]["dir"],
                          "wall_seconds": record.get("seconds")})
     return rows
+
+
+def sampling_used(pipe: Pipeline) -> dict[str, dict[str, Any]]:
+    """Per generating stage: model role, library (``hf``/``vllm``), temperature, top_k and top_p."""
+    from hierarcaps.settings import GENERATING_STAGES
+
+    used = {}
+    for stage, role in GENERATING_STAGES.items():
+        sampling = getattr(pipe.settings, stage)
+        used[stage] = {"role": role, "backend": pipe.backend(role, pipe.model_spec(role)),
+                       "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    return used
 
 
 def models_used(pipe: Pipeline) -> dict[str, Any]:
@@ -616,19 +678,26 @@ def _file_size(path: str) -> int | None:
     return resolved.stat().st_size if resolved.is_file() else None
 
 
-def load_lm(spec: Any) -> tuple[Any, Any]:
-    """Load a causal or seq2seq LM, choosing by the config's ``is_encoder_decoder``."""
-    from transformers import AutoConfig
+def is_encoder_decoder(spec: Any) -> bool:
+    """Whether the model of ``spec`` is an encoder-decoder (T5) model, from its config.
 
-    from hierarcaps.models import load_causal_lm, load_seq2seq_lm
+    ``False`` when the config cannot be read (the model loader then raises the helpful error).
+    """
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision,
                                             trust_remote_code=spec.trust_remote_code)
-        seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     except (OSError, ValueError):
-        seq2seq = False  # the loader below raises the helpful ModelLoadError
-    return load_seq2seq_lm(spec) if seq2seq else load_causal_lm(spec)
+        return False
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_lm(spec: Any) -> tuple[Any, Any]:
+    """Load a causal or seq2seq LM, choosing by the config's ``is_encoder_decoder``."""
+    from hierarcaps.models import load_causal_lm, load_seq2seq_lm
+
+    return load_seq2seq_lm(spec) if is_encoder_decoder(spec) else load_causal_lm(spec)
 
 
 def ensure_tiny_model(kind: str, folder: Path, priming_captions: Sequence[str] | None = None) -> Path:

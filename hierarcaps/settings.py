@@ -39,6 +39,10 @@ from hierarcaps.stages.seeds import SeedSettings
 from hierarcaps.stagedir import to_jsonable
 
 PROFILES = ("paper", "smoke")
+BACKENDS = ("hf", "vllm")
+#: Stages that sample text (each has ``temperature``, ``top_k``, ``top_p``), and the model role
+#: each samples from.
+GENERATING_STAGES = {"seeds": "chat_lm", "augment": "base_lm", "complete": "completer", "negatives": "completer"}
 TINY_PREFIX = "tiny:"
 
 T = TypeVar("T")
@@ -87,6 +91,21 @@ class ModelSettings:
 
 
 @dataclass
+class GenerationSettings:
+    """Which library samples text for the generating roles (see ``docs/models.md``).
+
+    ``backend``: ``hf`` (transformers ``generate``) or ``vllm`` (vLLM's offline engine with prefix
+    caching; ``pip install "hierarcaps[vllm]"``, CUDA GPU) for the chat LM, the base LM and the
+    completer. vLLM has no encoder-decoder (T5) support, so ``completer_backend`` (``None``: as
+    ``backend`` for a decoder-only completer, ``hf`` for a T5 one) set to ``vllm`` with a T5
+    completer is an error.
+    """
+
+    backend: str = "hf"  # hf | vllm
+    completer_backend: str | None = None  # hf | vllm | none (as backend; hf for a T5 completer)
+
+
+@dataclass
 class NLISettings:
     """The NLI scorer: input template, on-disk cache, and how decisions are taken.
 
@@ -95,11 +114,15 @@ class NLISettings:
     the model still scores every pair (plumbing), but "a entails b" is replaced by "a is longer
     than b" and every pair counts as contradicting, so data flows. Output built so is marked
     as a plumbing check, not usable data.
+
+    ``max_batch_tokens`` bounds each NLI forward pass by padded tokens (pairs x longest pair);
+    ``models.nli.batch_size`` bounds its pairs. 0 turns the token budget off.
     """
 
     template: str = 'a picture of: "{}"'
     cache: bool = True
     decision: str = "model"  # model | length_rule
+    max_batch_tokens: int = 16384
 
 
 @dataclass
@@ -129,6 +152,7 @@ class BuildSettings:
     plumbing_check: bool = False
     captions: CaptionSettings = field(default_factory=CaptionSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     nli: NLISettings = field(default_factory=NLISettings)
     seeds: SeedSettings = field(default_factory=SeedSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -337,6 +361,16 @@ def validate_settings(settings: BuildSettings) -> None:
             "nli.decision='length_rule' replaces the NLI model's decisions and makes unusable data; "
             "it is allowed only with plumbing_check=true (the smoke profile)"
         )
+    for key, value in (("generation.backend", settings.generation.backend),
+                       ("generation.completer_backend", settings.generation.completer_backend or "hf")):
+        if value not in BACKENDS:
+            raise SettingsError(f"{key} must be one of {', '.join(BACKENDS)}, got {value!r}")
+    if settings.models.nli.batch_size is None:
+        raise SettingsError("models.nli.batch_size cannot be none: it is the number of pairs per NLI forward pass")
+    for stage in GENERATING_STAGES:
+        top_p = getattr(settings, stage).top_p
+        if top_p is not None and not 0 < top_p <= 1:
+            raise SettingsError(f"{stage}.top_p must be in (0, 1], or none for no nucleus filter; got {top_p}")
     for key, value, low, strict in _ranged_values(settings):
         if value is not None and not (value > low if strict else value >= low):
             bound = f"greater than {low}" if strict else f"at least {low}"
@@ -351,6 +385,8 @@ RANGES: dict[str, tuple[float, bool]] = {
         "max_target_length", "num_candidates", "nli_wave", "rounds",
     )},
     "min_words": (0, False),
+    "max_batch_tokens": (0, False),  # 0: no token budget
+    "top_k": (1, False),  # none: no top-k filter
     "temperature": (0.0, True),
     "learning_rate": (0.0, True),
 }

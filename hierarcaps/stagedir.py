@@ -128,6 +128,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+def follow_umask(path: Path) -> Path:
+    """Give ``path``, and everything under it, the mode a plain ``mkdir``/``open`` would give it.
+
+    ``tempfile`` creates folders 0700 and files 0600 whatever the umask, and some writers
+    (safetensors through transformers' ``save_pretrained``) write 0600 files too, so an output
+    renamed into place from one stays private to its owner; under umask 022 this makes it 0755/0644.
+    Call it on the temporary path before the rename, or on a folder once it is completely written.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: put it back at once
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -135,21 +151,48 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], row_group_size: int | None = None) -> None:
     """Write rows (dicts of strings, numbers and lists) as one Parquet file, atomically.
 
     Readable as a Hugging Face ``Dataset`` (``Dataset.from_parquet``) or with :func:`read_rows`.
+    ``row_group_size``: rows per Parquet row group (the shard size of the stage that reads the
+    file in slices, so that each shard decodes only its own rows); default: pyarrow's.
     """
     table = pa.Table.from_pylist(list(rows)) if rows else pa.table({})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows written by :func:`write_rows`, in order."""
+def count_rows(path: Path) -> int:
+    """Number of rows in a file written by :func:`write_rows` (from its metadata; nothing is decoded)."""
+    _check_rows(path)
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def read_rows(path: Path, start: int = 0, stop: int | None = None) -> list[dict[str, Any]]:
+    """Rows ``start`` to ``stop`` (exclusive; default: all) written by :func:`write_rows`, in order.
+
+    Only the row groups that hold those rows are read and decoded.
+    """
+    _check_rows(path)
+    parquet = pq.ParquetFile(path)
+    meta = parquet.metadata
+    stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+    groups, first, offset = [], 0, 0
+    for group in range(meta.num_row_groups):
+        size = meta.row_group(group).num_rows
+        if offset < stop and offset + size > start:
+            first = first if groups else offset
+            groups.append(group)
+        offset += size
+    if not groups:
+        return []
+    return parquet.read_row_groups(groups).slice(start - first, stop - start).to_pylist()
+
+
+def _check_rows(path: Path) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: stage rows are missing; delete the stage directory and rerun")
-    return pq.read_table(path).to_pylist()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What a build has finished: the summary table and the list of kept stages and shards.
 
-``build-hierarcaps`` prints the table (items in, kept, rejected per reason, seconds, per stage)
+``build-hierarcaps`` prints the table (items in, kept, rejected per reason, seconds, throughput, per stage)
 at the end of every run, successful or not, and the list of finished stages and shards when it
 is interrupted. Both are read from the stage folders' ``_SUCCESS`` records, so they need no
 orchestrator and describe exactly what a rerun will skip.
@@ -17,11 +17,15 @@ if TYPE_CHECKING:
 def summary_rows(
     pipe: "Pipeline", status: Mapping[str, str] | None = None, seconds: Mapping[str, float] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per finished stage (and per caption split): status, counts, rejections, seconds.
+    """One row per finished stage (and per caption split): status, counts, rejections, seconds, throughput.
 
     ``status`` and ``seconds`` hold the stages run by this command; the others are "done before".
+    Throughput (:func:`hierarcaps.stats.throughput_columns`): generate calls, prompt and generated
+    tokens, NLI pairs scored and cache hits, generated tokens/s and NLI pairs/s over the time spent
+    in the stage body (summed over shards).
     """
     from hierarcaps.pipeline import ORDER
+    from hierarcaps.stats import throughput_columns
 
     status, seconds = status or {}, seconds or {}
     rows = []
@@ -38,6 +42,7 @@ def summary_rows(
                 "rejected": sum(rejected.values()),
                 "reasons": ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "-",
                 "seconds": round(seconds.get(name, stats.get("seconds", 0.0)), 1),
+                **throughput_columns(stats),
             })
     return rows
 

@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The test models are tiny: one intra-op thread beats thread hand-offs on a 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Commands that cache image embeddings by default do so in a session folder, not in ~/.cache.
+os.environ.setdefault("HIERARCAPS_IMAGE_CACHE", tempfile.mkdtemp(prefix="hierarcaps-image-cache-"))
 # Prefect's ephemeral API server may take longer than its 20 s default to start on a loaded machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
@@ -97,3 +99,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         APILogWorker.drain_all(timeout=5)
         for server in list(server_module.SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished smoke-profile build (its own tiny models; a few minutes), made once per test session.
+
+    Tests that change the build copy what they change (e.g. ``final/``) first.
+    """
+    from hierarcaps.pipeline import Pipeline
+    from hierarcaps.settings import resolve_settings
+
+    out = tmp_path_factory.mktemp("smoke-build")
+    Pipeline(resolve_settings("smoke"), out).run()
+    return out

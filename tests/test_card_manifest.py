@@ -84,3 +84,17 @@ def test_validation_reports_each_problem():
     assert dataset["test"][0]["negative"] == []  # test rows never carry negatives
     empty = validate_dataset(assemble_dataset({"train": [good], "test": []}))
     assert empty.problems == ["split 'test' is empty: no caption survived the build (see the summary's rejections)"]
+
+
+def test_card_shows_throughput_per_stage():
+    settings = to_dict(resolve_settings("paper"))
+    stages = [{"stage": "complete_train", "items_in": 10, "kept": 4, "rejected": {}, "seconds": 4.0,
+               "extra": {"generate_calls": 2, "prompt_tokens": 300, "generated_tokens": 1000,
+                         "nli_pairs_scored": 64, "nli_cache_hits": 6}},
+              {"stage": "captions_train", "items_in": 50, "kept": 40, "rejected": {}, "seconds": 0.5}]
+    text = render_card(settings=settings, counts={"train": 4}, models={}, stages=stages)
+    section = text.split("## Throughput")[1].split("##")[0]
+    assert "| stage | generate calls | prompt tokens | generated tokens | NLI pairs scored | NLI cache hits " \
+           "| generated tokens/s | NLI pairs/s | seconds |" in section
+    assert "| complete_train | 2 | 300 | 1000 | 64 | 6 | 250.0 | 16.0 | 4.0 |" in section
+    assert "| captions_train | 0 | 0 | 0 | 0 | 0 | 0.0 | 0.0 | 0.5 |" in section

@@ -78,6 +78,84 @@ def test_render_html_escapes_and_names_every_image(tmp_path):
     assert all(im["src"].startswith("data:image/jpeg;base64,") for im in _parse(embedded).images)
 
 
+class ChainItems(HTMLParser):
+    """Per table cell of the rows section: its list items as (text, is highlighted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells, self.item = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "td":
+            self.cells.append([])
+        elif tag == "li":
+            self.item = ["", "hit" in (dict(attrs).get("class") or "").split()]
+
+    def handle_endtag(self, tag):
+        if tag == "li":
+            self.cells[-1].append(tuple(self.item))
+            self.item = None
+
+    def handle_data(self, data):
+        if self.item is not None:
+            self.item[0] += data
+
+
+def test_page_puts_metrics_then_plots_then_rows_and_highlights_ground_truth_hits(tmp_path):
+    img = tmp_path / "COCO_val2014_000000000001.jpg"
+    Image.new("RGB", (8, 8)).save(img)
+    plot = tmp_path / "radius_by_tier.png"
+    Image.new("RGB", (4, 4)).save(plot)
+    qset = QualitativeSet([img], [[("animal", "dog", "dog on grass", "a dog on the grass")]], [])
+    metrics = [("zero-shot", {"precision": 0.14, "recall": 0.36, "f1": 0.2016, "tau_d": 0.89}),
+               ("fine-tuned", {"precision": 0.15, "recall": 0.47, "tau_d": 0.99})]
+    out = render_html(tmp_path / "index.html", qset, [("zero-shot", [["animal", "cat", "dog on grass"]]),
+                                                      ("fine-tuned", [["thing", "dog"]])],
+                      plots=[plot], metrics=metrics)
+    page = out.read_text()
+    _parse(out)
+    # Metrics table first, plots next, the per-image rows last.
+    assert page.index('id="metrics"') < page.index('id="plots"') < page.index('id="rows"')
+    assert page.index("radius_by_tier.png") < page.index("COCO_val2014_000000000001.jpg")
+    table = page[page.index('id="metrics"'):page.index('id="plots"')]
+    assert "<th>P</th><th>R</th><th>F1</th><th>τ_d</th>" in table
+    assert "<tr><th>zero-shot</th><td>0.1400</td><td>0.3600</td><td>0.2016</td><td>0.8900</td></tr>" in table
+    assert "<tr><th>fine-tuned</th><td>0.1500</td><td>0.4700</td><td>-</td><td>0.9900</td></tr>" in table
+    items = ChainItems()
+    items.feed(page[page.index('id="rows"'):])
+    _image, truth, zero_shot, fine_tuned = items.cells
+    assert all(not hit for _, hit in truth)  # the ground truth itself is not marked
+    assert zero_shot == [("animal", True), ("cat", False), ("dog on grass", True)]
+    assert fine_tuned == [("thing", False), ("dog", True)]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_page_renders_in_headless_chromium_with_plots_above_highlighted_rows(tmp_path):
+    """The page as a browser draws it: the plot sits above the rows, and ground-truth hits carry
+    the highlight colour. Needs Debian's chromium (`apt-get install chromium`; .ci/run installs it)."""
+    import subprocess
+
+    if not CHROMIUM.is_file():
+        pytest.skip("headless Chromium not installed: `apt-get install --no-install-recommends chromium`")
+    img = tmp_path / "COCO_val2014_000000000001.jpg"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(img)
+    plot = tmp_path / "plot.png"
+    Image.new("RGB", (300, 80), (0, 0, 255)).save(plot)
+    qset = QualitativeSet([img], [[("animal", "dog", "dog on grass", "a dog on the grass")]], [])
+    out = render_html(tmp_path / "index.html", qset, [("m", [["animal", "cat"]])], plots=[plot],
+                      metrics=[("m", {"precision": 0.5, "recall": 0.25, "f1": 0.33, "tau_d": 1.0})])
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=900,1200", out.as_uri()], capture_output=True, timeout=240, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    blue = np.argwhere((pixels == [0, 0, 255]).all(-1))
+    highlight = np.argwhere((np.abs(pixels - [0xC8, 0xEF, 0xC8]) <= 2).all(-1))
+    assert len(blue) > 1000 and len(highlight) > 100
+    assert blue[:, 0].max() < highlight[:, 0].min()  # plots drawn above every highlighted text
+
+
 def test_comparison_table_rows_per_metric_with_delta():
     before = {"precision": 0.14, "recall": 0.36, "tau_d": 0.89, "n_rows": 1000, "versions": {"torch": "2"},
               "zero_shot_top1": {"genus": 0.5}}
@@ -134,6 +212,10 @@ def test_qualitative_report_on_real_images_with_two_models(tiny_hf_clip_dir, tin
     assert all((written["html"].parent / im["src"]).is_file() for im in parsed.images)
     text = "".join(parsed.text)
     assert "hf-clip" in text and "open-clip" in text
+    page = written["html"].read_text()
+    for i in (0, 1):  # the metrics table shows each model's numbers from its metrics JSON
+        m = json.loads(written[f"metrics_{i}"].read_text())
+        assert f"<td>{m['precision']:.4f}</td><td>{m['recall']:.4f}</td>" in page
     assert written["radius_by_tier"].read_bytes()[:4] == b"\x89PNG"
     assert json.loads(written["metrics_1"].read_text())["n_rows"] == 40
     assert "| precision |" in written["comparison"].read_text()

@@ -20,9 +20,11 @@ from finetune.evaluation.retrieval import (
     kendall_tau_order,
     kept_predictions,
     load_test_set,
+    per_image_thresholds,
     precision_recall,
     predicted_chains,
     read_test_csv,
+    released_tau_d,
     retrieve,
     summarize,
     threshold_predictions,
@@ -56,6 +58,32 @@ def test_kendall_tau_all_tied_is_nan_and_summary_ignores_it():
     assert s["tau_d"] == 1.0 and s["tau_d_undefined_rows"] == 1
 
 
+def test_released_tau_d_ties_keep_tier_order():
+    """The released evaluator's kendalltau(argsort(radii), [1, 2, 3, 4]): tied radii keep their
+    tier order, so they count as correctly ordered (tau-b would count them as neither)."""
+    radii = np.array([[0.1, 0.1, 0.2, 0.3], [0.5, 0.5, 0.5, 0.5], [0.2, 0.1, 0.1, 0.3], [0.4, 0.3, 0.2, 0.1]])
+    # argsort: [0 1 2 3] -> 1; [0 1 2 3] -> 1; [1 2 0 3]: 4 concordant, 2 discordant pairs -> 1/3; reversed -> -1.
+    np.testing.assert_allclose(released_tau_d(radii), [1.0, 1.0, 1 / 3, -1.0])
+
+
+def test_released_tau_d_matches_scipy_on_argsort():
+    rng = np.random.default_rng(1)
+    radii = rng.integers(0, 3, size=(300, 4)).astype(np.float32)  # many ties on purpose
+    expected = [kendalltau(np.argsort(r, kind="stable"), [1, 2, 3, 4]).statistic for r in radii]
+    np.testing.assert_allclose(released_tau_d(radii), expected, atol=1e-12)
+    distinct = rng.permutation(np.tile(np.arange(4.0), (50, 1)).T).T + rng.random((50, 4)) * 0.1
+    np.testing.assert_allclose(released_tau_d(distinct), kendall_tau_order(distinct), atol=1e-12)
+
+
+def test_retrieve_tau_d_with_a_repeated_tier_is_released_value():
+    """A chain whose T1 and T2 are the same text has two equal radii: tau_d is 1, not tau-b's 5/sqrt(30)."""
+    root = torch.tensor([1.0, 0.0, 0.0])
+    text_emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.3, 0.0], [1.0, 0.6, 0.0], [1.0, 0.9, 0.1]]), dim=1)
+    cand = Candidates(["dog", "dog on grass", "a dog on grass"], np.array([[0, 0, 1, 2]]), ["img"], np.array([0]))
+    out = retrieve(text_emb, text_emb[2:], root, cand, "released", steps=5)
+    assert out["tau"].tolist() == [1.0]
+
+
 # --- threshold search ------------------------------------------------------------------------
 
 
@@ -74,6 +102,37 @@ def test_threshold_predictions_per_image_thresholds():
     sim = torch.tensor([[0.1, 0.9, 0.3], [0.1, 0.2, 0.3]])
     thresholds = torch.tensor([[0.5, 0.9], [0.5, 1.5]])
     assert threshold_predictions(sim, radii, thresholds).tolist() == [[0, 0], [0, 2]]
+
+
+def test_tied_similarities_predict_the_first_index_like_numpy_argmax():
+    radii = torch.tensor([0.5, 0.2, 0.5, 0.9])
+    sim = torch.tensor([[0.7, 0.7, 0.7, 0.1], [0.1, 0.3, 0.3, 0.3]])
+    preds = threshold_predictions(sim, radii, torch.tensor([0.2, 0.5, 0.9]))
+    # image 0: text 1 alone, then texts 0, 1, 2 tie at 0.7 -> 0 (the first), text 3 is lower.
+    # image 1: text 1; then 1 and 2 tie -> 1; then 1, 2, 3 tie -> 1.
+    assert preds.tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_threshold_predictions_with_ties_match_numpy_argmax_loop():
+    gen = torch.Generator().manual_seed(3)
+    radii = torch.randint(0, 6, (30,), generator=gen).float() / 5  # tied radii
+    sim = torch.randint(0, 4, (12, 30), generator=gen).float() / 4  # many exactly tied similarities
+    thresholds = torch.linspace(0.0, 1.0, 11)
+    preds = threshold_predictions(sim, radii, thresholds).numpy()
+    s, r = sim.numpy(), radii.numpy()
+    for i in range(len(s)):
+        for j, thr in enumerate(thresholds.numpy()):
+            idx = np.flatnonzero(r <= thr)
+            expected = idx[np.argmax(s[i, idx])] if len(idx) else -1
+            assert preds[i, j] == expected, (i, j)
+
+
+def test_paper_thresholds_run_from_the_root_to_the_nearest_text():
+    radii = torch.tensor([0.4, 0.8, 1.2])
+    sim = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.2, 0.6]])
+    thr = per_image_thresholds(sim, radii, 5)
+    # image 0 is nearest text 1 (radius 0.8), image 1 nearest text 2 (radius 1.2); both start at 0.
+    np.testing.assert_allclose(thr.numpy(), [[0.0, 0.2, 0.4, 0.6, 0.8], [0.0, 0.3, 0.6, 0.9, 1.2]])
 
 
 def test_global_thresholds_span_all_radii():
@@ -166,17 +225,21 @@ def test_load_test_set_from_dataset_rows():
 
 def _plain_loop(text_emb, image_emb, root, cand, steps, paper=False):
     """Independent per-image loop written after SPEC 4: the released evaluator, or with
-    ``paper`` per-image thresholds up to the nearest text and the first prediction dropped."""
+    ``paper`` per-image thresholds from radius 0 up to the nearest text and the first prediction dropped."""
     radii = (text_emb - root).norm(dim=-1).double()
     precisions, recalls = [], []
     for i in range(len(cand.images)):
         s = text_emb @ image_emb[i]
-        top = float(radii[s.argmax()]) if paper else float(radii.max())
-        levels = np.linspace(float(radii.min()), top, steps)
+        if paper:
+            levels = np.linspace(0.0, float(radii[s.argmax()]), steps)
+        else:
+            levels = np.linspace(float(radii.min()), float(radii.max()), steps)
         preds = []
         for thr in levels:
             mask = radii <= thr
             idx = torch.nonzero(mask).flatten()
+            if len(idx) == 0:
+                continue
             t = int(idx[s[idx].argmax()])
             if not preds or preds[-1] != t:
                 preds.append(t)
@@ -204,7 +267,8 @@ def test_vectorised_search_matches_plain_loop(variant):
     p_loop, r_loop = _plain_loop(text_emb, image_emb, root, cand, 50, paper=variant == "paper")
     np.testing.assert_allclose(out["precision"], p_loop)
     np.testing.assert_allclose(out["recall"], r_loop)
-    assert out["predictions"].shape == (n_images, 50) and (out["predictions"] >= 0).all()
+    assert out["predictions"].shape == (n_images, 50)
+    assert (out["predictions"] >= 0).all() if variant == "released" else (out["predictions"][:, 0] == -1).all()
 
 
 def test_retrieve_geometric_hand_case():
@@ -224,10 +288,12 @@ def test_retrieve_geometric_hand_case():
     assert predicted_chains(out["predictions"], cand.texts) == [["T1", "T2", "T3", "T4"]]
     assert out["precision"][0] == 1.0 and out["recall"][0] == 1.0 and out["tau"][0] == 1.0
     paper = retrieve(text_emb, image_emb, root, cand, "paper", steps=4)
-    # nearest text to the image is T4; thresholds linspace(r(T1), r(T4)); T1 is dropped.
-    assert predicted_chains(paper["predictions"], cand.texts, drop_first=True)[0][-1] == "T4"
-    assert "T1" not in predicted_chains(paper["predictions"], cand.texts, drop_first=True)[0]
-    assert paper["recall"][0] < 1.0
+    # nearest text to the image is T4; thresholds linspace(0, r(T4)) = 0, 0.4, 0.8, 1.2: nothing,
+    # T1, T2, T4; T1, nearest the root, is dropped. (From r(T1) they would be 0.3, 0.6, 0.9, 1.2.)
+    np.testing.assert_allclose(paper["thresholds"], [[0.0, 0.4, 0.8, 1.2]], atol=1e-6)
+    assert paper["predictions"].tolist() == [[-1, 0, 1, 3]]
+    assert predicted_chains(paper["predictions"], cand.texts, drop_first=True) == [["T2", "T4"]]
+    assert paper["precision"][0] == 1.0 and paper["recall"][0] == 0.5
 
 
 def test_retrieve_rejects_unknown_variant():

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.evaluation.taxonomy import RANKS, evaluate_taxonomy, read_taxonomy_table, top_down_predictions
+from finetune.evaluation.taxonomy import (
+    RANKS,
+    evaluate_taxonomy,
+    image_to_image_r1,
+    read_taxonomy_table,
+    top_down_predictions,
+)
 
 TAXONOMY = Path(__file__).resolve().parents[2] / "shared" / "data" / "taxonomy" / "rare_species_metadata.csv"
 
@@ -104,13 +110,22 @@ def test_top_down_only_children_compete():
     assert top_down_predictions(sims, parent).tolist() == [[0, 1]]
 
 
+def test_image_to_image_r1_hand_case():
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.2]]), dim=-1)
+    taxa = np.array([[0, 0], [0, 1], [1, 2], [1, 3]])
+    # nearest other image: 0 -> 1, 1 -> 0, 2 -> 3, 3 -> 1 (never itself)
+    assert image_to_image_r1(emb, taxa, ("class", "species")) == {"class": 0.75, "species": 0.0}
+    with pytest.raises(ValueError, match="at least two images"):
+        image_to_image_r1(emb[:1], taxa[:1], ("class", "species"))
+
+
 def test_labels_styles(tmp_path):
     table, _ = _write(tmp_path)
-    tax = read_taxonomy_table(table).taxonomy
-    assert tax.labels("taxonomic")[-1][0] == "Animalia Chordata Aves Passeriformes Corvidae Corvus corax"
-    assert tax.labels("name")[-1][0] == "Corvus corax" and tax.labels("name")[2] == ["Aves", "Bivalvia"]
+    assert read_taxonomy_table(table).label_texts[-1][0] == "Animalia Chordata Aves Passeriformes Corvidae Corvus corax"
+    name = read_taxonomy_table(table, style="name").label_texts
+    assert name[-1][0] == "Corvus corax" and name[2] == ["Aves", "Bivalvia"]
     with pytest.raises(ValueError, match="label style"):
-        tax.labels("latin")
+        read_taxonomy_table(table, style="latin")
 
 
 def test_table_errors_name_file_and_line(tmp_path):
@@ -135,5 +150,5 @@ def test_real_rare_species_table_parses():
     assert len(tab.taxonomy.paths[-1]) == df["class"].nunique() == 400
     assert tab.row_taxa.shape == (len(df), 7) and len(tab.image_files) == len(df)
     # the scientific name column agrees with the binomial labels
-    names = tab.taxonomy.labels("name")[-1]
+    names = read_taxonomy_table(TAXONOMY, style="name").label_texts[-1]
     assert [names[k] for k in tab.row_taxa[:, -1]] == df["class"].tolist()

@@ -84,6 +84,9 @@ def test_flow_trains_on_build_output_and_evaluates_before_and_after(build_dir, t
         assert saved["hierarcaps"]["precision"] == metrics["precision"] and 0 <= metrics["recall"] <= 1
         assert metrics["n_images"] == 4 and (eval_dir / when / "radius_by_tier.png").is_file()
     assert result["after"]["model"] == result["train"]["final_dir"]
+    # RE trains the text tower only: the after-evaluation reads every image embedding from the cache.
+    assert result["before"]["hierarcaps"]["image_cache"]["misses"] == 4
+    assert result["after"]["hierarcaps"]["image_cache"] == {"dir": str(eval_dir / "image-cache"), "hits": 4, "misses": 0}
     assert result["before"]["model"] == str(tiny_hf_clip_dir)
     table = (eval_dir / "comparison.md").read_text()
     assert "before" in table and "after" in table and "precision" in table

@@ -37,6 +37,7 @@ def test_flow_runs_shards_as_tasks_and_summarises(tmp_path, fakes):  # noqa: F81
     completed = summary["complete_train"]
     assert completed["in"] == completed["kept"] + completed["rejected"] and completed["rejected"] > 0
     assert completed["reasons"] == f"not_entailed={completed['rejected']}"
+    assert {"gen_calls", "prompt_tok", "gen_tok", "nli_pairs", "cache_hits", "tok/s", "pairs/s"} <= set(completed)
     assert fakes.calls["seeds/0"] == 1 and fakes.calls["negatives/1"] == 1
 
 

@@ -119,16 +119,18 @@ def test_negative_hallucination_prompts() -> None:
     """The four forward prompts of step 6: →, T1 →, T1 → T2 →, T1 → T2 → T3 → (not the paper's typo)."""
     prompts = [completer_prompt(FIG3_POSITIVE[:k], FORWARD) for k in range(4)]
     assert prompts == ["→", "animal →", "animal → goat →", "animal → goat → goat on island →"]
-    assert [split_chain(p, FORWARD) for p in prompts] == [list(FIG3_POSITIVE[:k]) for k in range(4)]
+    assert [split_chain(p.removesuffix(FORWARD), FORWARD) for p in prompts] == [list(FIG3_POSITIVE[:k]) for k in range(4)]
 
 
 @pytest.mark.parametrize(
     ("text", "delimiter", "tiers"),
     [
-        ("→", FORWARD, []),
-        ("  ←  ", BACKWARD, []),
+        ("→", FORWARD, ["", ""]),
+        ("  ←  ", BACKWARD, ["", ""]),
         ("", FORWARD, []),
-        ("animal → goat →", FORWARD, ["animal", "goat"]),
+        (" \n", FORWARD, []),
+        ("animal → goat →", FORWARD, ["animal", "goat", ""]),
+        ("a ← b ← c ←", BACKWARD, ["a", "b", "c", ""]),  # a trailing delimiter is not three tiers
         ("goat on island ←  goat\t←\nanimal ", BACKWARD, ["goat on island", "goat", "animal"]),
         ("a ←  ← c", BACKWARD, ["a", "", "c"]),  # empty middle tier kept for check_completion
         ("animal → goat", BACKWARD, ["animal → goat"]),  # the other delimiter does not split

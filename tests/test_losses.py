@@ -155,8 +155,12 @@ def test_re_loss_finite_with_coinciding_embeddings_and_gradient_reaches_root():
 
 
 def test_re_loss_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"\(B, 4, D\)"):
-        re_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"\(B, L, D\) with L >= 2"):
+        re_loss(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"\(B, L, D\)"):
+        re_loss(torch.zeros(2, 5, 4), torch.zeros(2, 4, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="pos_mask"):
+        re_loss(torch.zeros(2, 5, 4), torch.zeros(2, 5, 4), torch.zeros(4), pos_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="root"):
         re_loss(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.zeros(3))
 

@@ -10,11 +10,13 @@ import torch
 from hierarcaps.models import (
     ModelLoadError,
     ModelSpec,
+    content_hash,
     describe_model,
     load_causal_lm,
     load_nli,
     load_seq2seq_lm,
     nli_label_indices,
+    provenance_id,
     resolve_dtype,
 )
 
@@ -51,7 +53,7 @@ def test_describe_model_records_what_was_loaded(tiny_nli_dir: Path) -> None:
     spec = ModelSpec(str(tiny_nli_dir), dtype="bfloat16")
     model, _ = load_nli(spec)
     info = describe_model(model)
-    assert info["id"] == str(tiny_nli_dir)
+    assert info["id"] == provenance_id(spec) and str(tiny_nli_dir) not in info["id"]
     assert info["class"] == "BartForSequenceClassification"
     assert info["dtype"] == "bfloat16" and info["device"] == "cpu"
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
@@ -148,3 +150,32 @@ def test_hub_failures_get_specific_advice(monkeypatch: pytest.MonkeyPatch, error
         load_causal_lm(ModelSpec("meta-llama/Llama-2-13b-chat-hf", revision="abc", device="cpu"))
     assert caught.value.__cause__ is error
     assert seen == {"trust_remote_code": False, "revision": "abc"}
+
+
+def test_content_hash_depends_on_bytes_not_on_place_or_time(tiny_nli_dir: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    copy = tmp_path / "elsewhere" / tiny_nli_dir.name
+    shutil.copytree(tiny_nli_dir, copy)  # new mtimes, other absolute path
+    os.utime(copy / "config.json", (1, 1))
+    (copy / "training_log.json").write_text('{"seconds": 12.3}')  # a run record, not the model
+    assert content_hash(copy) == content_hash(tiny_nli_dir)
+    assert provenance_id(ModelSpec(str(copy))) == provenance_id(ModelSpec(str(tiny_nli_dir)))
+    assert provenance_id(ModelSpec(str(copy)), name="completer").startswith("completer#sha256:")
+    config = copy / "config.json"
+    config.write_text(config.read_text().replace("{", '{"edited": true,', 1))
+    assert content_hash(copy) != content_hash(tiny_nli_dir)  # changed bytes, another id
+
+
+def test_provenance_id_of_hub_models_is_id_at_revision() -> None:
+    assert provenance_id(ModelSpec("org/model", revision="v1")) == "org/model@v1"
+    assert provenance_id(ModelSpec("org/model"), commit="abc123") == "org/model@abc123"
+    assert provenance_id(ModelSpec("org/model")) == "org/model"
+
+
+def test_a_generator_over_a_local_model_names_it_without_its_path(tiny_causal_lm_dir: Path) -> None:
+    from hierarcaps.generation import TextGenerator
+
+    generator = TextGenerator(*load_causal_lm(ModelSpec(str(tiny_causal_lm_dir), device="cpu")))
+    assert generator.model_id == f"{tiny_causal_lm_dir.name}#sha256:{content_hash(tiny_causal_lm_dir)}"

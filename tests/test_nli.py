@@ -130,9 +130,67 @@ def test_disk_cache_is_shared_across_scorers(nli, tmp_path: Path) -> None:
     assert other_model.forward_calls == 1
 
 
-def test_model_id_of_local_folder_carries_a_fingerprint(nli, tiny_nli_dir: Path) -> None:
+def test_disk_cache_key_includes_dtype(tiny_nli_dir: Path, tmp_path: Path) -> None:
+    """Scores of a bfloat16 model differ from float32 ones: a float32 cache must not answer it."""
+    cache = tmp_path / "nli.sqlite"
+    with NLIScorer(*load_nli(ModelSpec(str(tiny_nli_dir), dtype="float32")), cache_path=cache) as fp32:
+        full = fp32.score(PAIRS)
+    half = NLIScorer(*load_nli(ModelSpec(str(tiny_nli_dir), dtype="bfloat16")), cache_path=cache)
+    assert half.model_id == fp32.model_id and half.cache_key != fp32.cache_key
+    scores = half.score(PAIRS)
+    assert half.cache_hits == 0 and half.pairs_scored == len(PAIRS)
+    assert not np.array_equal(scores.entailment, full.entailment)  # bf16 really gives other numbers
+    again = NLIScorer(*load_nli(ModelSpec(str(tiny_nli_dir), dtype="bfloat16")), cache_path=cache)
+    np.testing.assert_array_equal(again.score(PAIRS).entailment, scores.entailment)
+    assert again.cache_hits == len(PAIRS) and again.pairs_scored == 0
+
+
+LONG_PAIRS = PAIRS + [
+    (" ".join(["a goat on a green island"] * k), " ".join(["goat"] * (k % 4 + 1))) for k in range(1, 30)
+]
+
+
+def _forward_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(pairs, padded length) of every forward pass the model runs from now on."""
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return shapes
+
+
+def test_token_budget_bounds_every_batch_and_keeps_results_and_order(tiny_nli_dir: Path) -> None:
+    model, tokenizer = load_nli(ModelSpec(str(tiny_nli_dir), dtype="float32"))
+    shapes = _forward_shapes(model)
+    budget = 600
+    by_budget = NLIScorer(model, tokenizer, batch_size=1000, max_batch_tokens=budget)
+    scores = by_budget.score(LONG_PAIRS)
+    assert shapes and all(n * length <= budget for n, length in shapes)
+    assert sum(n for n, _ in shapes) == len(LONG_PAIRS) == by_budget.pairs_scored
+    assert max(n for n, _ in shapes) >= 8 and min(n for n, _ in shapes) <= 3  # short pairs share, long ones do not
+    lengths = [length for _, length in shapes]
+    assert lengths == sorted(lengths)  # batches run shortest first
+    assert by_budget.padded_tokens == sum(n * length for n, length in shapes)
+    fixed = NLIScorer(model, tokenizer, batch_size=8).score(LONG_PAIRS)  # fixed-size batching
+    direct = _direct_probs(model, tokenizer, LONG_PAIRS)  # one pair at a time, input order
+    for label, column in (("contradiction", 0), ("neutral", 1), ("entailment", 2)):
+        np.testing.assert_allclose(getattr(scores, label), getattr(fixed, label), atol=1e-5)
+        np.testing.assert_allclose(getattr(scores, label), direct[:, column], atol=1e-5)
+
+
+def test_pair_longer_than_budget_runs_alone(tiny_nli_dir: Path) -> None:
+    model, tokenizer = load_nli(ModelSpec(str(tiny_nli_dir)))
+    shapes = _forward_shapes(model)
+    scorer = NLIScorer(model, tokenizer, batch_size=64, max_batch_tokens=8)
+    scorer.score(PAIRS)
+    assert [n for n, _ in shapes[-len(PAIRS):]] == [1] * len(PAIRS) and scorer.forward_calls == len(PAIRS)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        NLIScorer(model, tokenizer, max_batch_tokens=-1)
+
+
+def test_model_id_of_local_folder_is_its_name_and_content_hash(nli, tiny_nli_dir: Path) -> None:
     scorer = NLIScorer(*nli)
-    assert scorer.model_id.startswith(f"{tiny_nli_dir}#") and len(scorer.model_id.split("#")[1]) == 12
+    name, digest = scorer.model_id.split("#sha256:")
+    assert name == tiny_nli_dir.name and len(digest) == 16  # no absolute path in provenance
 
 
 def test_from_spec_uses_spec_batch_size(tiny_nli_dir: Path) -> None:

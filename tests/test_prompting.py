@@ -206,3 +206,22 @@ def test_generation_config_eos_ids_also_end_sequences(causal) -> None:
     finally:
         model.generation_config.eos_token_id = original
     assert generator._eos_ids([]) == [tokenizer.eos_token_id]
+
+
+def test_token_counters_count_prompt_tokens_once_and_samples_up_to_their_end(causal) -> None:
+    model, tokenizer = causal
+    generator = TextGenerator(model, tokenizer)
+    prompts = ["a goat on the island", "dog", "a picture of a cat"]
+    out = generator.generate_with_status(prompts, num_return_sequences=4, max_new_tokens=6, seed=3)
+    assert not any(f for row in out.finished for f in row)  # no sample ended early: every one ran 6 tokens
+    assert generator.prompt_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)  # padding excluded
+    assert generator.generated_tokens == 12 * 6
+    # a stop string ends some samples early: they count up to and including their stop token
+    vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    common = max(set("etaoin"), key=lambda ch: sum(ch in t for t in vocabulary))
+    stopped = generator.generate_with_status(prompts, num_return_sequences=4, max_new_tokens=6, seed=3,
+                                             stop_strings=[common])
+    n_finished = sum(f for row in stopped.finished for f in row)
+    added = generator.generated_tokens - 12 * 6
+    assert 0 < n_finished and (12 - n_finished) * 6 + n_finished <= added < 12 * 6
+    assert generator.generate_calls == 2

@@ -193,3 +193,41 @@ def test_build_is_atomic_and_success_is_written_last(tmp_path):
         tmp.write_text("x")
         assert not (tmp_path / "file.txt").exists()
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_each_shard_reads_only_its_slice_of_the_upstream_rows(tmp_path, fakes, monkeypatch):
+    """A shard decodes its own rows of the upstream Parquet file, not the whole file."""
+    import pyarrow.parquet as pq
+
+    pipe = Pipeline(_settings(), tmp_path)
+    pipe.run_stage("captions")
+    train = read_rows(pipe.dirs["captions"].path / "train.parquet")
+    assert len(train) == 20
+    decoded: list[int] = []
+    read_table, read_row_groups = pq.read_table, pq.ParquetFile.read_row_groups
+
+    def counting_read_table(*args, **kwargs):
+        table = read_table(*args, **kwargs)
+        decoded.append(table.num_rows)
+        return table
+
+    def counting_read_row_groups(self, *args, **kwargs):
+        table = read_row_groups(self, *args, **kwargs)
+        decoded.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(pq, "read_table", counting_read_table)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting_read_row_groups)
+    assert pipe.shard_count("complete_train") == 3 and decoded == []  # counted from the metadata
+    pipe.run_shard("complete_train", 1)
+    assert decoded == [8]  # shard 1 of size 8 decoded rows 8..15 only
+    assert fakes.calls["complete_train/1"] == 1
+    shard_rows = read_rows(pipe.dirs["complete_train"].shard(1).path / "rows.parquet")
+    assert [r["id"] for r in shard_rows] == [r["id"] for r in train[8:16] if len(r["caption"]) % 5 != 0]
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, None), (0, 5), (3, 11), (7, 8), (16, 40), (25, 30), (5, 5)])
+def test_read_rows_slices_across_row_groups(tmp_path, start, stop):
+    rows = [{"i": i, "text": f"row {i}"} for i in range(23)]
+    write_rows(tmp_path / "rows.parquet", rows, row_group_size=4)
+    assert read_rows(tmp_path / "rows.parquet", start, stop) == rows[start:stop]

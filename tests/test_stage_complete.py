@@ -154,3 +154,18 @@ def test_tiny_completer_plumbing(tiny_seq2seq_dir, tiny_nli_dir) -> None:
     assert sum(v for k, v in stats.extra.items() if k.startswith("candidates_")) <= 3 * 8
     again, _ = complete_positives(_rows(GOAT, PIE, BOYS), TextGenerator(model, tokenizer), scorer, settings)
     assert again == rows
+
+
+def test_a_trailing_delimiter_is_not_three_tiers() -> None:
+    """``T3 ← T2 ← T1 ←`` (the completer went on to a fourth tier) is rejected, not taken as T3, T2, T1."""
+    from collections import Counter
+
+    from hierarcaps.stages.complete import structural_survivors
+
+    caption = "a goat eating leaves of a lemon tree on the island"
+    rejected: Counter[str] = Counter()
+    survivors = structural_survivors(
+        caption, [" goat on island ← goat ← animal ←", " goat on island ← goat ← animal"], rejected
+    )
+    assert survivors == [(1, ["animal", "goat", "goat on island", caption])]
+    assert rejected == Counter({"wrong_tier_count": 1})

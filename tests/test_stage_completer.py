@@ -33,7 +33,7 @@ CPU = dict(device="cpu", dtype="float32")
 def _reassemble(source: str, target: str) -> tuple[int, str, list[str]]:
     """(k, delimiter, tiers general -> specific) recovered from one pair."""
     delimiter = BACKWARD if BACKWARD in source + target else FORWARD
-    lead, rest = split_chain(source, delimiter), split_chain(target, delimiter)
+    lead, rest = split_chain(source.removesuffix(delimiter), delimiter), split_chain(target, delimiter)
     tiers = lead + rest
     return len(lead), delimiter, tiers[::-1] if delimiter == BACKWARD else tiers
 
@@ -150,3 +150,38 @@ def test_refuses_non_empty_output_and_empty_input(tiny_seq2seq_dir, tmp_path) ->
         train_completer([GOAT], model, tokenizer, CompleterSettings(), tmp_path / "busy")
     with pytest.raises(ValueError, match="four non-empty tiers"):
         train_completer([["a", "b"]], model, tokenizer, CompleterSettings(), tmp_path / "empty")
+
+
+def test_half_precision_completer_trains_float32_master_weights_and_saves_its_dtype(
+    tiny_causal_lm_dir, tmp_path, monkeypatch
+) -> None:
+    """A bfloat16 model (what dtype=auto loads on a GPU) is updated in float32, then saved in bfloat16.
+
+    Adam's first step moves every weight with a gradient by about lr; at lr 1e-4 a bfloat16 add
+    would leave most weights unchanged (their spacing is coarser), a float32 master copy moves them.
+    """
+    from safetensors import safe_open
+
+    model, tokenizer = load_causal_lm(ModelSpec(str(tiny_causal_lm_dir), device="cpu", dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16
+    before = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+    after_step: list[dict[str, torch.Tensor]] = []
+
+    class RecordingAdamW(torch.optim.AdamW):  # the real AdamW; records the weights after each step
+        def step(self, closure=None):
+            loss = super().step(closure)
+            after_step.append({name: p.detach().clone() for name, p in model.named_parameters()})
+            return loss
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    settings = CompleterSettings(epochs=1, batch_size=64, learning_rate=1e-4)
+    train_completer([GOAT, PIE], model, tokenizer, settings, tmp_path / "c")
+    assert len(after_step) == 1
+    weights = after_step[0]
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    big = [n for n, w in weights.items() if w.dim() == 2 and n in before and w.shape == before[n].shape]
+    moved = sum(int((weights[n] != before[n]).sum()) for n in big) / sum(weights[n].numel() for n in big)
+    assert moved > 0.9, f"only {moved:.0%} of the weights moved"
+    assert model.dtype == torch.bfloat16  # handed back, and saved, in the dtype it was loaded in
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as saved:
+        assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.bfloat16}

@@ -109,7 +109,9 @@ class TableScorer:
         # curly closing mark lines later.
         (' scene below."\n\nsuch as “metal roofs” by', False, None),
         (' "the old lighthouse\nstands on a cliff"', False, None),  # quotations close on their line
-        (' “a dog" and more', False, None),  # straight pairs with straight, curly with curly
+        (' “a dog" and more', False, None),  # a curly opening closes with a curly mark only
+        (' "a dog” and more', False, "a dog"),  # a straight opening closes with either mark
+        (' "a dog” said "the cat"', False, "a dog"),
         (' “a dog” and "a cat"', False, "a dog"),
         (' no "quote" then “another”', False, "quote"),
         ("animal\nThe term is broad.\"", True, None),

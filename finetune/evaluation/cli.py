@@ -8,7 +8,7 @@ Subcommands (each writes a JSON file, or a report folder, atomically):
 * ``wordnet``    WordNet hypernymy ordering (depth tau, hypernym-closer fraction, exterior-angle gap);
 * ``retention``  text-to-image R@1/5/10 on the HierarCaps test images;
 * ``zeroshot``   zero-shot classification from a label list and a labelled image folder;
-* ``taxonomy``   taxonomy metrics from a Rare-Species-layout table and its images;
+* ``taxonomy``   taxonomy metrics from a taxonomy table (the one training reads) and its images;
 * ``suite``      everything configured, for one checkpoint (as the fine-tuning flow does);
 * ``compare``    markdown table comparing metrics JSONs.
 
@@ -43,6 +43,29 @@ def _test_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="folder with the test images")
     p.add_argument("--draft-size", type=int, default=None,
                    help="decode JPEGs at reduced scale (>= N px); faster, approximate; default full decode")
+    _image_args(p)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: usable CPU cores, at most 8; 0: none)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--image-cache", default=None, metavar="DIR",
+                       help="image-embedding cache folder, reused while the image tower is unchanged "
+                            "(default: $HIERARCAPS_IMAGE_CACHE, else $XDG_CACHE_HOME/hierarcaps/image-embeddings)")
+    cache.add_argument("--no-image-cache", action="store_true", help="embed every image afresh, store nothing")
+
+
+def _image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``workers`` and ``image_cache`` keyword arguments from the command line."""
+    from finetune.evaluation.common import default_workers
+    from finetune.evaluation.image_cache import ImageEmbeddingCache, default_cache_dir
+
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    workers = default_workers() if args.workers is None else args.workers
+    cache = None if args.no_image_cache else ImageEmbeddingCache(args.image_cache or default_cache_dir())
+    return {"workers": workers, "image_cache": cache}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("taxonomy", help="taxonomy ordering, per-rank, top-down and nLCA metrics")
     _model_args(p)
-    p.add_argument("--table", required=True, help="CSV: kingdom,phylum,cls,order,family,genus,species,filepath")
-    p.add_argument("--images", required=True, help="folder the table's filepath column is relative to")
-    p.add_argument("--style", choices=("taxonomic", "name"), default="taxonomic", help="label text per taxon")
+    p.add_argument("--table", required=True,
+                   help="CSV or Parquet: a column per rank (default kingdom,phylum,cls,order,family,genus,species), filepath")
+    p.add_argument("--images", required=True, help="folder the table's image column is relative to")
+    p.add_argument("--ranks", default="kingdom,phylum,class,order,family,genus,species",
+                   help="rank columns, general to specific, comma-separated ('class' also matches 'cls')")
+    p.add_argument("--image-column", default="filepath", help="column of image paths relative to --images")
+    p.add_argument("--common-name-column", default="common_name", help="column of common names (style taxonomic+common)")
+    p.add_argument("--style", choices=("taxonomic", "name", "taxonomic+common"), default="taxonomic",
+                   help="label text per taxon")
     p.add_argument("--template", default="{}", help="wrap each label, e.g. 'a photo of {}.'")
     p.add_argument("--root-text", default="", help="text whose embedding is the root ('' or 'Eukarya')")
     p.add_argument("--draft-size", type=int, default=None)
@@ -118,9 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot-images", default="")
     p.add_argument("--taxonomy-table", default="")
     p.add_argument("--taxonomy-images", default="")
+    p.add_argument("--taxonomy-ranks", default="kingdom,phylum,class,order,family,genus,species",
+                   help="the taxonomy table's rank columns, general to specific")
+    p.add_argument("--taxonomy-style", choices=("taxonomic", "name", "taxonomic+common"), default="taxonomic")
+    p.add_argument("--taxonomy-template", default="{}", help="wrap each taxon label, e.g. 'a photo of {}.'")
+    p.add_argument("--taxonomy-root-text", default="", help="the taxonomy root's text ('' or 'Eukarya')")
     p.add_argument("--wordnet-dir", default="", help="a WordNet 3.0 dict folder, e.g. /usr/share/wordnet")
     p.add_argument("--variant", choices=("released", "paper"), default="released")
     p.add_argument("--draft-size", type=int, default=None)
+    _image_args(p)
     p.add_argument("--output-dir", required=True)
 
     p = sub.add_parser("compare", help="markdown table comparing metrics JSONs")
@@ -139,6 +174,11 @@ def _labelled(spec: str) -> tuple[str, str]:
     """``LABEL=MODEL`` or ``MODEL`` (labelled by itself)."""
     label, sep, model = spec.partition("=")
     return (label, model) if sep and label and not Path(spec).exists() else (spec, spec)
+
+
+def _ranks(text: str) -> list[str]:
+    """Rank names from a comma-separated list."""
+    return [r.strip() for r in text.split(",") if r.strip()]
 
 
 def _finish(obj: dict[str, Any], output: str) -> int:
@@ -160,10 +200,11 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from finetune.evaluation.report import qualitative_report
 
+        options = _image_options(args)
         encoders = [(label, _load(args, model)) for label, model in map(_labelled, args.model)]
         written = qualitative_report(
             encoders, args.test_csv, args.images, args.output_dir, args.candidates, args.max_images,
-            args.steps, args.variant, args.draft_size, args.embed_images,
+            args.steps, args.variant, args.draft_size, args.embed_images, **options,
         )
         print(f"report written to {written['html']}")
         return 0
@@ -171,13 +212,14 @@ def run(args: argparse.Namespace) -> int:
         from finetune.evaluation.wordnet import wordnet_files
 
         wordnet_files(args.wordnet_dir)  # fail on missing data before loading the model
+    options = _image_options(args) if args.command in ("retrieval", "retention", "suite") else {}
     encoder = _load(args, args.model)
     start = time.perf_counter()
     if args.command == "retrieval":
         from finetune.evaluation.retrieval import evaluate_retrieval
 
         metrics = evaluate_retrieval(encoder, args.test_csv, args.images, args.variant, args.steps, args.model,
-                                     args.batch_size, args.image_batch_size, args.draft_size)
+                                     args.batch_size, args.image_batch_size, args.draft_size, **options)
     elif args.command == "lexical":
         from finetune.evaluation.lexical import evaluate_lexical
 
@@ -190,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "retention":
         from finetune.evaluation.retention import text_to_image_retrieval
 
-        metrics = text_to_image_retrieval(encoder, args.test_csv, args.images, model=args.model, draft_size=args.draft_size)
+        metrics = text_to_image_retrieval(encoder, args.test_csv, args.images, model=args.model, draft_size=args.draft_size,
+                                          **options)
     elif args.command == "zeroshot":
         from finetune.evaluation.retention import CIFAR_TEMPLATES, read_labels, zero_shot_classification
 
@@ -200,14 +243,19 @@ def run(args: argparse.Namespace) -> int:
         from finetune.evaluation.taxonomy import evaluate_taxonomy
 
         metrics = evaluate_taxonomy(encoder, args.table, args.images, args.style, args.template, args.root_text,
-                                    args.model, args.draft_size)
+                                    args.model, args.draft_size, _ranks(args.ranks),
+                                    args.image_column, args.common_name_column)
     else:  # suite
         from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
 
         settings = SuiteSettings(args.test_csv, args.images, args.variant, hyperlex=args.hyperlex,
                                  zeroshot_labels=args.zeroshot_labels, zeroshot_images=args.zeroshot_images,
                                  taxonomy_table=args.taxonomy_table, taxonomy_images=args.taxonomy_images,
-                                 wordnet_dir=args.wordnet_dir, draft_size=args.draft_size)
+                                 taxonomy_ranks=tuple(_ranks(args.taxonomy_ranks)),
+                                 taxonomy_style=args.taxonomy_style, taxonomy_template=args.taxonomy_template,
+                                 taxonomy_root_text=args.taxonomy_root_text,
+                                 wordnet_dir=args.wordnet_dir, draft_size=args.draft_size, workers=options["workers"],
+                                 image_cache=str(options["image_cache"].directory) if options["image_cache"] else "")
         result = evaluate_checkpoint(encoder, args.output_dir, settings, args.model)
         print(f"metrics written to {Path(args.output_dir) / 'metrics.json'} ({result['seconds']} s)")
         return 0

@@ -3,7 +3,9 @@
 Every evaluator talks to a model only through a :class:`finetune.backends.Backend`-like object:
 ``encode_text(texts, batch_size) -> (N, D)`` and ``encode_images(images, batch_size) -> (N, D)``,
 both L2-normalised and without gradient. Images are opened and encoded chunk by chunk, so a
-thousand COCO images never sit in memory at full resolution at once.
+thousand COCO images never sit in memory at full resolution at once; backends that also have
+``image_pixels`` / ``encode_image_pixels`` get their images decoded in DataLoader workers, and an
+``image_cache.ImageEmbeddingCache`` skips the images the same image tower has embedded before.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import platform
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 import torch
 from PIL import Image
+
+from hierarcaps.stagedir import follow_umask
+
+if TYPE_CHECKING:
+    from finetune.evaluation.image_cache import ImageEmbeddingCache
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _COCO_ID = re.compile(r"_(\d+)\.[A-Za-z]+$")
@@ -41,8 +48,17 @@ def text_root(encoder: Encoder) -> torch.Tensor:
 
 
 def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU."""
-    return encoder.encode_text(list(texts), batch_size=batch_size).float().cpu()
+    """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU, in input order.
+
+    Texts are encoded in order of length, so each batch pads to about its own texts' length
+    (test sets mix two-word tiers with long captions; unsorted, most batches pad to the longest).
+    """
+    texts = list(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    emb = encoder.encode_text([texts[i] for i in order], batch_size=batch_size).float().cpu()
+    out = torch.empty_like(emb)
+    out[torch.as_tensor(order, dtype=torch.long)] = emb
+    return out
 
 
 def open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
@@ -59,16 +75,68 @@ def open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
 
 
 def encode_image_files(
-    encoder: Encoder, paths: Sequence[Path], batch_size: int = 64, draft_size: int | None = None
+    encoder: Encoder,
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    draft_size: int | None = None,
+    workers: int = 0,
+    cache: ImageEmbeddingCache | None = None,
+    model: str | None = None,
 ) -> torch.Tensor:
-    """Normalised embeddings of the image files, opened ``batch_size`` at a time: (N, D) float32."""
-    chunks = []
-    for start in range(0, len(paths), batch_size):
-        images = [open_rgb(p, draft_size) for p in paths[start : start + batch_size]]
-        chunks.append(encoder.encode_images(images, batch_size=batch_size).float().cpu())
-    if not chunks:
+    """Normalised embeddings of the image files, ``batch_size`` at a time: (N, D) float32.
+
+    ``workers`` > 0 decodes and preprocesses in that many DataLoader worker processes while the
+    model runs (for backends with ``image_pixels``); ``cache`` reads embeddings computed before by
+    the same image tower and stores new ones (``image_cache``; ``model`` names it in the cache).
+    """
+    if not paths:
         raise ValueError("no images to encode")
+    if cache is None:
+        return _encode_files(encoder, paths, batch_size, draft_size, workers)
+    from finetune.evaluation.image_cache import cached_image_embeddings
+
+    return cached_image_embeddings(
+        encoder, paths, cache, lambda todo: _encode_files(encoder, todo, batch_size, draft_size, workers), draft_size, model
+    )
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Image files as preprocessed pixels (1, 3, H, W), decoded in DataLoader workers."""
+
+    def __init__(self, paths: Sequence[Path], image_pixels: Any, draft_size: int | None) -> None:
+        self.paths, self.image_pixels, self.draft_size = list(paths), image_pixels, draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.image_pixels([open_rgb(self.paths[i], self.draft_size)])
+
+
+def _encode_files(
+    encoder: Encoder, paths: Sequence[Path], batch_size: int, draft_size: int | None, workers: int
+) -> torch.Tensor:
+    """Embed image files: in this process chunk by chunk, or with DataLoader workers."""
+    chunks = []
+    if workers > 0 and hasattr(encoder, "image_pixels"):
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(paths, encoder.image_pixels, draft_size),
+            batch_size=batch_size,
+            num_workers=min(workers, -(-len(paths) // batch_size)),
+            collate_fn=torch.cat,
+        )
+        for pixels in loader:
+            chunks.append(encoder.encode_image_pixels(pixels).float().cpu())
+    else:
+        for start in range(0, len(paths), batch_size):
+            images = [open_rgb(p, draft_size) for p in paths[start : start + batch_size]]
+            chunks.append(encoder.encode_images(images, batch_size=batch_size).float().cpu())
     return torch.cat(chunks)
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes by default: the usable CPU cores, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -140,6 +208,7 @@ def write_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    follow_umask(Path(tmp))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -5,8 +5,10 @@ retrieval for each test image over an *expanded* candidate set (the distinct pos
 ``hierarcaps_test_expanded.csv.gz``), global thresholds ``linspace(min R, max R, steps)`` over the
 candidates' radii ``|e - r|``. (The released qualitative script measures genericness as
 ``1 - cos(e, r)``; both order texts the same way, only the spacing of thresholds differs.)
-The page shows every image beside its ground-truth chain and the chain each model predicts, so a
-fine-tuned model sits next to its starting point.
+The page opens with a table of each model's P, R, F1 and tau_d (retrieval on the whole test set),
+then the plots, then every image beside its ground-truth chain and the chain each model predicts,
+with the predicted texts that are in the ground truth highlighted, so a fine-tuned model sits
+next to its starting point.
 
 **Plots**: the distribution of radii per tier (well-aligned models push T1 nearest the root and T4
 farthest), and the histogram of per-row tau_d.
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, open_rgb, resolve_image_refs, text_root, write_atomic
+from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.evaluation.retrieval import (
     RetrievalRun,
     global_thresholds,
@@ -70,13 +73,19 @@ def qualitative_set(
 
 
 def qualitative_chains(
-    encoder: Encoder, qset: QualitativeSet, steps: int = 50, draft_size: int | None = None
+    encoder: Encoder,
+    qset: QualitativeSet,
+    steps: int = 50,
+    draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> list[list[str]]:
     """Each image's predicted chain (general to specific) over the candidate texts."""
     with torch.no_grad():
         root = text_root(encoder)
         text_emb = encode_texts(encoder, qset.candidates)
-        image_emb = encode_image_files(encoder, qset.image_paths, draft_size=draft_size)
+        image_emb = encode_image_files(encoder, qset.image_paths, draft_size=draft_size, workers=workers,
+                                       cache=image_cache, model=getattr(encoder, "name", None))
     radii = radius(text_emb, root)
     thresholds = global_thresholds(radii, steps)
     chains: list[list[str]] = []
@@ -98,18 +107,35 @@ def _thumbnail_src(path: Path, html_dir: Path, embed: bool) -> str:
 
 
 def _chain_html(chain: Sequence[str], truth: set[str] | None = None) -> str:
-    """An ordered list; predictions found in the ground truth are marked."""
+    """An ordered list; predictions found in the ground truth get ``class="hit"`` (highlighted)."""
     items = []
     for t in chain:
-        attr = ' class="hit"' if truth is not None and t in truth else ""
+        attr = ' class="hit" title="in the ground truth"' if truth is not None and t in truth else ""
         items.append(f"<li{attr}>{html.escape(t)}</li>")
     return "<ol>" + "".join(items) + "</ol>"
+
+
+METRIC_COLUMNS = (("precision", "P"), ("recall", "R"), ("f1", "F1"), ("tau_d", "τ_d"))
+
+
+def _metrics_table(metrics: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """One row per model: P, R, F1 and tau_d of HierarCaps retrieval (``-`` where absent)."""
+    head = "".join(f"<th>{name}</th>" for _, name in METRIC_COLUMNS)
+    rows = []
+    for label, m in metrics:
+        cells = "".join(
+            f"<td>{m[key]:.4f}</td>" if isinstance(m.get(key), (int, float)) else "<td>-</td>" for key, _ in METRIC_COLUMNS
+        )
+        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    return f'<table class="metrics"><thead><tr><th>model</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 _STYLE = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em}"
-    "img.thumb{max-width:224px}li.hit{color:#0a6d0a;font-weight:bold}figure{display:inline-block;margin:1em}"
+    "table.metrics td{text-align:right;font-variant-numeric:tabular-nums}"
+    "img.thumb{max-width:224px}figure{display:inline-block;margin:1em}"
+    ".hit{background:#c8efc8;color:#0a5c0a;font-weight:bold}li.hit::after{content:' \\2713'}"
 )
 
 
@@ -121,9 +147,12 @@ def render_html(
     plots: Sequence[Path] = (),
     notes: Sequence[str] = (),
     embed_images: bool = False,
+    metrics: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> Path:
-    """Write the qualitative page: one table row per image (thumbnail and file name, ground truth,
-    one column per model), then the plots. Text is escaped; the file is written atomically."""
+    """Write the qualitative page, top to bottom: the metrics table (P, R, F1, tau_d per model),
+    the plots, then one table row per image (thumbnail and file name, ground truth, one column per
+    model, with the predicted texts that are in the ground truth highlighted). Text is escaped;
+    the file is written atomically."""
     out_path = Path(out_path)
     html_dir = out_path.parent
     html_dir.mkdir(parents=True, exist_ok=True)
@@ -145,11 +174,19 @@ def render_html(
         for p in plots
     )
     notes_html = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+    sections = []
+    if metrics:
+        sections.append(f'<section id="metrics"><h2>Metrics</h2>{_metrics_table(metrics)}</section>')
+    if figures:
+        sections.append(f'<section id="plots"><h2>Plots</h2>{figures}</section>')
+    sections.append(
+        '<section id="rows"><h2>Retrieved chains</h2><p>Predicted texts found in the image\'s ground truth are '
+        '<span class="hit">highlighted</span>.</p>'
+        f"<table><thead><tr><th>image</th><th>ground truth</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
+    )
     page = (
         f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{notes_html}"
-        f"<table><thead><tr><th>image</th><th>ground truth</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-        f"<h2>Plots</h2>{figures}</body></html>\n"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{notes_html}{''.join(sections)}</body></html>\n"
     )
     return write_atomic(out_path, page)
 
@@ -245,6 +282,8 @@ def qualitative_report(
     variant: str = "released",
     draft_size: int | None = None,
     embed_images: bool = False,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> dict[str, Path]:
     """The full report for one or more models (e.g. before and after fine-tuning).
 
@@ -260,13 +299,15 @@ def qualitative_report(
     qset = qualitative_set(test_rows, images_dir, candidates_csv, max_images)
     predictions, runs, written = [], [], {}
     for i, (label, encoder) in enumerate(encoders):
-        predictions.append((label, qualitative_chains(encoder, qset, steps, draft_size)))
-        run = run_retrieval(encoder, test_rows, images_dir, variant, steps, draft_size=draft_size)  # type: ignore[arg-type]
+        predictions.append((label, qualitative_chains(encoder, qset, steps, draft_size, workers, image_cache)))
+        run = run_retrieval(encoder, test_rows, images_dir, variant, steps, draft_size=draft_size,  # type: ignore[arg-type]
+                            workers=workers, image_cache=image_cache)
         runs.append((label, run))
         written[f"metrics_{i}"] = write_json(out_dir / f"metrics_{i}.json", run_metrics(run, model=label))
     written["radius_by_tier"] = plot_radius_by_tier(runs, out_dir / "radius_by_tier.png")
     written["tau_d_histogram"] = plot_tau_histogram(runs, out_dir / "tau_d_histogram.png")
-    table = comparison_table([(label, run_metrics(run)) for label, run in runs])
+    named_metrics = [(label, run_metrics(run)) for label, run in runs]
+    table = comparison_table(named_metrics)
     written["comparison"] = write_atomic(out_dir / "comparison.md", table)
     source = str(candidates_csv) if candidates_csv is not None else "the test set's own texts"
     notes = [
@@ -275,6 +316,6 @@ def qualitative_report(
     ]
     written["html"] = render_html(
         out_dir / "index.html", qset, predictions, plots=[written["radius_by_tier"], written["tau_d_histogram"]],
-        notes=notes, embed_images=embed_images,
+        notes=notes, embed_images=embed_images, metrics=named_metrics,
     )
     return written

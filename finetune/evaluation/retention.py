@@ -66,14 +66,20 @@ def text_to_image_retrieval(
     ks: Sequence[int] = DEFAULT_KS,
     model: str | None = None,
     draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: Any = None,
 ) -> dict[str, Any]:
-    """Text-to-image R@k on a HierarCaps test set, queries = each row's T4 caption."""
+    """Text-to-image R@k on a HierarCaps test set, queries = each row's T4 caption.
+
+    ``workers``, ``image_cache``: image decoding and embedding reuse, as for retrieval.
+    """
     test = load_test_set(test_rows)
     cand = index_test_set(test)
     paths = resolve_image_refs(cand.images, Path(images_dir))
     with torch.no_grad():
         queries = encode_texts(encoder, [chain[-1] for chain in test.chains])
-        gallery = encode_image_files(encoder, paths, draft_size=draft_size)
+        gallery = encode_image_files(encoder, paths, draft_size=draft_size, workers=workers, cache=image_cache,
+                                     model=getattr(encoder, "name", None))
     ranks = ranks_of_targets(queries @ gallery.T, torch.as_tensor(cand.row_image))
     return {
         "task": "text_to_image_retrieval",

@@ -13,12 +13,14 @@ Metrics, following the authors' released evaluator (``variant="released"``, the 
 * the ground truth of an image is the union of the chains of all rows with that image;
 * **precision** = |set(preds) ∩ GT| / |set(preds)|; **recall** = fraction of the levels k = 1..4
   at which some reference's level-k text was predicted; both averaged over unique images;
-* **tau_d** = mean over rows of Kendall's tau-b between the four radii of the row's chain and the
-  order 1..4 (1 when every tier lies further from the root than the tier before it).
+* **tau_d** = mean over rows of Kendall's tau between the order of the row's four radii and
+  1..4, ``kendalltau(argsort(radii), [1, 2, 3, 4])`` as the released evaluator computes it (1 when
+  every tier lies further from the root than the tier before it; tied radii keep their tier order);
+* among exactly tied similarities the prediction is the first candidate, as ``numpy.argmax`` picks.
 
-``variant="paper"`` follows the paper's text instead: per-image thresholds from the most generic
-candidate (nothing lies nearer the root) to the radius of the candidate nearest the image, and
-the prediction closest to the root is dropped. Every result says which variant produced it.
+``variant="paper"`` follows the paper's text instead: per-image thresholds from the root
+(radius 0) to the radius of the candidate nearest the image, and the prediction closest to the
+root is dropped. Every result says which variant produced it.
 
 The search is vectorised: candidates are sorted by radius once, so the candidate set of any
 threshold is a prefix of that order; a cumulative arg-max of the (images x texts) similarity
@@ -45,6 +47,7 @@ from finetune.evaluation.common import (
     resolve_image_refs,
     text_root,
 )
+from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.geometry import radius
 from hierarcaps.formats import load_dataset_folder, read_release_csv
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
@@ -140,14 +143,15 @@ def global_thresholds(radii: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def per_image_thresholds(sim: torch.Tensor, radii: torch.Tensor, steps: int) -> torch.Tensor:
-    """Paper thresholds: for each image, ``linspace(min R, R(nearest text), steps)``.
+    """Paper thresholds: for each image, ``steps`` equally spaced radii from the root (radius 0)
+    to the radius of the image's nearest text, ``linspace(0, R(nearest text), steps)``.
 
-    ``sim``: (I, T) cosine similarities; ``radii``: (T,). Returns (I, steps) float64.
+    ``sim``: (I, T) cosine similarities; ``radii``: (T,). Returns (I, steps) float64. The nearest
+    text is the first of highest similarity (``argmax``'s choice among exact ties).
     """
-    r = radii.double()
-    nearest = r[sim.argmax(dim=1)]
+    nearest = radii.double()[sim.argmax(dim=1)]
     frac = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
-    return r.min() + (nearest - r.min())[:, None] * frac[None, :]
+    return nearest[:, None] * frac[None, :]
 
 
 def threshold_predictions(sim: torch.Tensor, radii: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -155,6 +159,8 @@ def threshold_predictions(sim: torch.Tensor, radii: torch.Tensor, thresholds: to
 
     ``sim``: (I, T); ``radii``: (T,); ``thresholds``: (S,) shared or (I, S) per image.
     Returns (I, S) int64 candidate indices, -1 where no candidate lies within the threshold.
+    Among exactly tied similarities the lowest candidate index wins, as ``numpy.argmax`` over the
+    texts in their original order picks the first (the released evaluator's choice).
     """
     order = torch.argsort(radii.double(), stable=True)
     sorted_r = radii.double()[order]
@@ -163,12 +169,32 @@ def threshold_predictions(sim: torch.Tensor, radii: torch.Tensor, thresholds: to
     preds = torch.empty(sim.shape[0], thr.shape[-1], dtype=torch.int64)
     for start in range(0, sim.shape[0], IMAGE_BLOCK):
         block = sim[start : start + IMAGE_BLOCK][:, order]
-        _, best = torch.cummax(block, dim=1)  # best[i, j]: arg-max over the j+1 most generic texts
+        best = _first_index_cummax(block, order)  # best[i, j]: arg-max over the j+1 most generic texts
         c = counts if counts.dim() == 1 else counts[start : start + IMAGE_BLOCK]
         c = c.expand(block.shape[0], -1)
         picked = torch.gather(best, 1, (c - 1).clamp_min(0))
-        preds[start : start + IMAGE_BLOCK] = torch.where(c > 0, order[picked], -1)
+        preds[start : start + IMAGE_BLOCK] = torch.where(c > 0, picked, -1)
     return preds
+
+
+def _first_index_cummax(block: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Running arg-max along the columns of ``block`` (texts in radius order), as original indices.
+
+    ``block``: (I, T) similarities with column j holding text ``order[j]``. Returns (I, T) int64:
+    entry j is the original index of the best text among columns 0..j; exact ties go to the
+    lowest original index. A run of columns with the same running maximum is one segment; within
+    it, a cumulative minimum of the original indices of the columns that reach the maximum.
+    """
+    running, _ = torch.cummax(block, dim=1)
+    n = block.shape[1]
+    new_max = torch.ones_like(block, dtype=torch.bool)
+    new_max[:, 1:] = running[:, 1:] > running[:, :-1]
+    segment = torch.cumsum(new_max.long(), dim=1)  # 1, 2, ... per strict new maximum
+    at_max = torch.where(block == running, order.expand_as(block), n)
+    # Later segments get smaller keys, so the cumulative minimum restarts at each new maximum.
+    key = at_max - segment * (n + 1)
+    best, _ = torch.cummin(key, dim=1)
+    return best + segment * (n + 1)
 
 
 def kept_predictions(preds: np.ndarray, drop_first: bool = False) -> np.ndarray:
@@ -240,6 +266,20 @@ def kendall_tau_order(radii: np.ndarray) -> np.ndarray:
         return s.sum(1) / np.sqrt((n0 - ties) * n0)
 
 
+def released_tau_d(radii: np.ndarray) -> np.ndarray:
+    """tau_d per row as the released evaluator computes it: ``kendalltau(argsort(radii), 1..k)``.
+
+    ``radii``: (n, k) radii of each row's tiers T1..Tk. Tied radii keep their tier order (a stable
+    ``argsort``, which numpy's scalar sort of so short a row also gives), so ties count as
+    correctly ordered: equal T1 and T2 radii cost nothing, and a row of equal radii scores 1.
+    (numpy >= 2 may sort ties in another order on CPUs where it uses SIMD sorting networks, which
+    makes the released script's tau_d with ties depend on the machine; the stable order is the
+    one the released code was written against.) Without ties this equals :func:`kendall_tau_order`.
+    """
+    order = np.argsort(np.asarray(radii, dtype=np.float64), axis=1, kind="stable")
+    return kendall_tau_order(order)  # a permutation has no ties: tau-b is the plain tau
+
+
 @dataclass
 class RetrievalRun:
     """Everything one retrieval evaluation computed (kept for reports)."""
@@ -259,6 +299,7 @@ class RetrievalRun:
     root: torch.Tensor  # (D,)
     image_paths: list[Path] = field(default_factory=list)
     draft_size: int | None = None
+    image_cache: dict[str, Any] | None = None  # cache folder, hits, misses (None: no cache)
 
     def chains(self) -> list[list[str]]:
         """Predicted chain per unique image."""
@@ -291,7 +332,7 @@ def retrieve(
         preds, candidates.chain_ids, candidates.row_image, len(candidates.texts), drop_first=variant == "paper"
     )
     radii_np = radii.double().numpy()
-    tau = kendall_tau_order(radii_np[candidates.chain_ids])
+    tau = released_tau_d(radii_np[candidates.chain_ids])
     return {
         "radii": radii_np,
         "predictions": preds,
@@ -324,22 +365,31 @@ def run_retrieval(
     text_batch_size: int = 256,
     image_batch_size: int = 64,
     draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> RetrievalRun:
     """Embed a test set in batches and run hierarchical retrieval (see :func:`retrieve`).
 
     ``draft_size``: fast approximate JPEG decoding (see ``common.open_rgb``); None decodes fully.
+    ``workers``: image-decoding processes (0: in this process); ``image_cache``: reuse the image
+    embeddings of an identical image tower (see ``image_cache``).
     """
     test = load_test_set(test_rows)
     cand = index_test_set(test)
     paths = resolve_image_refs(cand.images, Path(images_dir))
+    hits, misses = (image_cache.hits, image_cache.misses) if image_cache is not None else (0, 0)
     with torch.no_grad():
         root = text_root(encoder)
         text_emb = encode_texts(encoder, cand.texts, text_batch_size)
-        image_emb = encode_image_files(encoder, paths, image_batch_size, draft_size)
+        image_emb = encode_image_files(encoder, paths, image_batch_size, draft_size, workers, image_cache,
+                                       getattr(encoder, "name", None))
     out = retrieve(text_emb, image_emb, root, cand, variant, steps)
+    stats = None
+    if image_cache is not None:
+        stats = {"dir": str(image_cache.directory), "hits": image_cache.hits - hits, "misses": image_cache.misses - misses}
     return RetrievalRun(
         test, cand, variant, steps, out["radii"], out["predictions"], out["thresholds"],
-        out["precision"], out["recall"], out["tau"], text_emb, image_emb, root, paths, draft_size,
+        out["precision"], out["recall"], out["tau"], text_emb, image_emb, root, paths, draft_size, stats,
     )
 
 
@@ -358,6 +408,7 @@ def run_metrics(run: RetrievalRun, model: str | None = None, seconds: float | No
         "test_sha256": run.test.sha256,
         "test_sha256_of": run.test.sha256_of,
         "image_draft_size": run.draft_size,
+        "image_cache": run.image_cache,
         "seconds": seconds,
         "versions": package_versions(),
     }
@@ -373,16 +424,20 @@ def evaluate_retrieval(
     text_batch_size: int = 256,
     image_batch_size: int = 64,
     draft_size: int | None = None,
+    workers: int = 0,
+    image_cache: ImageEmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """HierarCaps hierarchical retrieval metrics of ``backend`` on ``test_rows``.
 
     ``test_rows``: a release CSV path, a saved dataset folder, a ``DatasetDict`` (its ``test``
-    split), a ``Dataset`` or a :class:`RetrievalSet`; ``images_dir``: folder with the test images.
+    split), a ``Dataset`` or a :class:`RetrievalSet`; ``images_dir``: folder with the test images;
+    ``workers``, ``image_cache``: as in :func:`run_retrieval`.
     Returns the metrics dict (``precision``, ``recall``, ``f1``, ``tau_d``, variant, model,
-    backend, test hash, counts, package versions).
+    backend, test hash, counts, image-cache hits, package versions).
     """
     start = time.perf_counter()
-    run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size, draft_size)
+    run = run_retrieval(backend, test_rows, images_dir, variant, steps, text_batch_size, image_batch_size, draft_size,
+                        workers, image_cache)
     metrics = run_metrics(run, model, round(time.perf_counter() - start, 3))
     metrics["backend"] = getattr(backend, "kind", type(backend).__name__)
     return metrics

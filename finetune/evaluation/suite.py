@@ -29,11 +29,19 @@ class SuiteSettings:
     zeroshot_images: str = ""
     taxonomy_table: str = ""
     taxonomy_images: str = ""
+    taxonomy_ranks: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+    taxonomy_image_column: str = "filepath"
+    taxonomy_common_name_column: str = "common_name"
+    taxonomy_style: str = "taxonomic"
+    taxonomy_template: str = "{}"
+    taxonomy_root_text: str = ""
     wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet
     wordnet_chains: int = 500
     draft_size: int | None = None
     text_batch_size: int = 256
     image_batch_size: int = 64
+    workers: int = 0  # image-decoding worker processes
+    image_cache: str = ""  # image-embedding cache folder ("" = no cache); see finetune.evaluation.image_cache
 
 
 def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSettings, model: str | None = None) -> dict[str, Any]:
@@ -54,19 +62,27 @@ def evaluate_checkpoint(encoder: Encoder, out_dir: Path | str, settings: SuiteSe
     start = time.perf_counter()
     result: dict[str, Any] = {"model": model, "backend": getattr(encoder, "kind", None), "settings": asdict(s)}
     if s.test_source:
+        from finetune.evaluation.image_cache import ImageEmbeddingCache
+
+        cache = ImageEmbeddingCache(s.image_cache) if s.image_cache else None
         run = run_retrieval(encoder, s.test_source, s.images_dir, s.variant, s.steps,  # type: ignore[arg-type]
-                            s.text_batch_size, s.image_batch_size, s.draft_size)
+                            s.text_batch_size, s.image_batch_size, s.draft_size, s.workers, cache)
         result["hierarcaps"] = {k: v for k, v in run_metrics(run, model).items() if k != "versions"}
         label = model or "model"
         plot_radius_by_tier([(label, run)], out_dir / "radius_by_tier.png")
         plot_tau_histogram([(label, run)], out_dir / "tau_d_histogram.png")
-        result["retention"] = _strip(text_to_image_retrieval(encoder, s.test_source, s.images_dir, model=model, draft_size=s.draft_size))
+        result["retention"] = _strip(text_to_image_retrieval(encoder, s.test_source, s.images_dir, model=model,
+                                                             draft_size=s.draft_size, workers=s.workers, image_cache=cache))
     if s.hyperlex:
         result["hyperlex"] = _strip(evaluate_lexical(encoder, s.hyperlex, model=model))
     if s.zeroshot_labels and s.zeroshot_images:
         result["zeroshot"] = _strip(zero_shot_classification(encoder, read_labels(s.zeroshot_labels), s.zeroshot_images, model=model))
     if s.taxonomy_table and s.taxonomy_images:
-        result["taxonomy"] = _strip(evaluate_taxonomy(encoder, s.taxonomy_table, s.taxonomy_images, model=model, draft_size=s.draft_size))
+        result["taxonomy"] = _strip(evaluate_taxonomy(
+            encoder, s.taxonomy_table, s.taxonomy_images, s.taxonomy_style, s.taxonomy_template,  # type: ignore[arg-type]
+            s.taxonomy_root_text, model, s.draft_size, s.taxonomy_ranks, s.taxonomy_image_column,
+            s.taxonomy_common_name_column,
+        ))
     if s.wordnet_dir:
         result["wordnet"] = _strip(evaluate_wordnet(encoder, s.wordnet_dir, s.wordnet_chains, model=model,
                                                     batch_size=s.text_batch_size))

@@ -1,12 +1,15 @@
 """Taxonomy metrics for RCME / BioCLIP-HC users (RCME section 5; BioCLIP-HC model card).
 
-Input: a taxonomy table in the layout of BioCLIP's Rare Species metadata (one row per image; rank
-columns ``kingdom, phylum, cls (or class), order, family, genus, species``, where ``species`` is the
-epithet; an image path column ``filepath`` relative to an images folder). A taxon is identified by
-its whole path from the kingdom down (so two genera of the same name in different families stay
-apart). Each taxon has a text label: ``"taxonomic"`` style joins the names from the kingdom down
-(BioCLIP's taxonomic text, ``Animalia Chordata Aves ... Corvus corax``), ``"name"`` style is the
-taxon's own name (species as the binomial ``Corvus corax``).
+Input: the taxonomy table that training reads (:mod:`finetune.taxonomy_data`; CSV or Parquet),
+by default in the layout of BioCLIP's Rare Species metadata (one row per image; rank columns
+``kingdom, phylum, cls (or class), order, family, genus, species``, where ``species`` may be the
+epithet; an image path column ``filepath`` relative to an images folder). Rank list and column
+names are arguments; the table checks (two parents, duplicates, missing rank columns) are the
+training reader's, and evaluation further needs every rank named on every row. Each taxon has a
+text label: ``"taxonomic"`` style joins the names from the top rank down (BioCLIP's taxonomic
+text, ``Animalia Chordata Aves ... Corvus corax``), ``"name"`` style is the taxon's own name
+(species as the binomial ``Corvus corax``), ``"taxonomic+common"`` appends ``with common name X``
+to the most specific rank where the table gives one. Every metric works for any number of ranks L.
 
 Metrics, from image embeddings (N, D) and label embeddings per rank:
 
@@ -23,7 +26,10 @@ Metrics, from image embeddings (N, D) and label embeddings per rank:
   wrong (``"none"`` when every rank is right); reported as counts per rank;
 * **normalised LCA distance**: ``(L - depth of the lowest common ancestor) / L`` between the
   predicted and the true species, with L ranks (0: right species, 1: wrong kingdom); for the
-  top-down prediction and for the flat species prediction; mean over images.
+  top-down prediction and for the flat species prediction; mean over images;
+* **image -> image R@1 per rank**: for each image, its most similar *other* image (cosine); the
+  fraction of images whose neighbour has the same taxon at that rank (RCME's image retrieval).
+  An image alone in its taxon counts as a miss at that rank.
 
 The root is the embedding of ``""`` by default; RCME's released code uses ``"Eukarya"``
 (``root_text``).
@@ -36,18 +42,15 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, file_sha256, package_versions
 from finetune.evaluation.retrieval import Candidates, kendall_tau_order, retrieve, summarize
 from finetune.geometry import radius
+from finetune.taxonomy_data import MISSING, TaxonomyTree, read_taxonomy
 
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
-# Rank name -> table columns to try in order (Rare Species keeps the rank in "cls" and the
-# scientific name in "class").
-COLUMN_ALIASES = {"class": ("cls", "class")}
-LabelStyle = Literal["taxonomic", "name"]
+LabelStyle = Literal["taxonomic", "name", "taxonomic+common"]
 
 
 @dataclass(frozen=True)
@@ -62,20 +65,6 @@ class Taxonomy:
     paths: list[list[tuple[str, ...]]]
     parent: list[np.ndarray]
 
-    def labels(self, style: LabelStyle = "taxonomic") -> list[list[str]]:
-        """Text label of every taxon, per rank (see the module docstring)."""
-        if style not in ("taxonomic", "name"):
-            raise ValueError(f"label style must be 'taxonomic' or 'name', got {style!r}")
-        out = []
-        for j, paths in enumerate(self.paths):
-            if style == "taxonomic":
-                out.append([" ".join(p) for p in paths])
-            elif self.ranks[j] == "species" and j > 0:
-                out.append([f"{p[-2]} {p[-1]}" for p in paths])
-            else:
-                out.append([p[-1] for p in paths])
-        return out
-
 
 @dataclass(frozen=True)
 class TaxonomyTable:
@@ -85,48 +74,42 @@ class TaxonomyTable:
     row_taxa: np.ndarray  # (N, L) int
     image_files: list[str]
     origin: str
+    label_texts: list[list[str]]  # per rank, the untemplated text of every taxon in the chosen style
 
 
-def _rank_column(df: pd.DataFrame, rank: str, where: str) -> str:
-    for name in COLUMN_ALIASES.get(rank, (rank,)):
-        if name in df.columns:
-            return name
-    raise ValueError(f"{where}: no column for rank {rank!r} (tried {COLUMN_ALIASES.get(rank, (rank,))}); found {list(df.columns)}")
+def _taxonomy_of_tree(tree: TaxonomyTree) -> Taxonomy:
+    """The evaluation view of a checked tree: every taxon's path of taxonomic words from the top rank."""
+    paths = [[tuple(tree.words[i][a] for i, a in enumerate(tree.ancestors(j, k))) for k in range(len(names))]
+             for j, names in enumerate(tree.names)]
+    parent = [np.maximum(p, 0) for p in tree.parent]  # complete rows: only the top rank has no parent
+    return Taxonomy(tree.ranks, paths, parent)
 
 
-def taxonomy_from_paths(ranks: Sequence[str], row_paths: Sequence[Sequence[str]]) -> tuple[Taxonomy, np.ndarray]:
-    """Build a :class:`Taxonomy` from one name per rank per row. Returns it and (N, L) taxon indices."""
-    n_ranks = len(ranks)
-    index: list[dict[tuple[str, ...], int]] = [{} for _ in ranks]
-    row_taxa = np.zeros((len(row_paths), n_ranks), dtype=np.int64)
-    for i, names in enumerate(row_paths):
-        for j in range(n_ranks):
-            row_taxa[i, j] = index[j].setdefault(tuple(names[: j + 1]), len(index[j]))
-    paths = [list(ix) for ix in index]
-    parent = [np.zeros(len(paths[0]), dtype=np.int64)]
-    for j in range(1, n_ranks):
-        parent.append(np.array([index[j - 1][p[:-1]] for p in paths[j]], dtype=np.int64))
-    return Taxonomy(tuple(ranks), paths, parent), row_taxa
+def read_taxonomy_table(
+    path: Path | str,
+    ranks: Sequence[str] = RANKS,
+    image_column: str = "filepath",
+    common_name_column: str = "common_name",
+    style: LabelStyle = "taxonomic",
+) -> TaxonomyTable:
+    """Read and check a taxonomy table (module docstring); every row must name every rank.
 
-
-def read_taxonomy_table(path: Path | str, ranks: Sequence[str] = RANKS, image_column: str = "filepath") -> TaxonomyTable:
-    """Read a taxonomy table (CSV; layout in the module docstring). Errors name file, line, column."""
+    Errors (``ValueError``) name file, line and column. ``style`` sets :attr:`TaxonomyTable.label_texts`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"taxonomy table {path} does not exist")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    columns = [_rank_column(df, r, str(path)) for r in ranks]
-    for rank, col in zip(ranks, columns):
-        empty = np.nonzero(df[col].str.strip().to_numpy() == "")[0]
-        if len(empty):
-            raise ValueError(f"{path}: line {empty[0] + 2}: empty {rank!r} (column {col!r})")
-    names = df[columns].apply(lambda c: c.str.strip()).to_numpy().tolist()
-    if ranks[-1] == "species" and len(ranks) > 1:
-        # A species column may hold the epithet or the binomial; keep the epithet.
-        names = [row[:-1] + [row[-1][len(row[-2]) + 1 :] if row[-1].startswith(row[-2] + " ") else row[-1]] for row in names]
-    taxonomy, row_taxa = taxonomy_from_paths(ranks, names)
-    files = df[image_column].tolist() if image_column in df.columns else []
-    return TaxonomyTable(taxonomy, row_taxa, files, str(path))
+    table = read_taxonomy(path, ranks, image_column, common_name_column)
+    missing = np.argwhere(table.taxa == MISSING)
+    if len(missing):
+        row, rank = missing[0]
+        raise ValueError(
+            f"{path}: line {table.lines[row]}: empty {ranks[rank]!r}; taxonomy evaluation needs every rank on "
+            "every row (drop the row or fill the rank)"
+        )
+    files = table.image_refs if image_column and any(table.image_refs) else []
+    labels = table.label_texts(style, "{}")
+    return TaxonomyTable(_taxonomy_of_tree(table.tree), table.taxa, files, str(path), labels)
 
 
 def top_down_predictions(sims: Sequence[torch.Tensor], parent: Sequence[np.ndarray]) -> np.ndarray:
@@ -184,6 +167,7 @@ def taxonomy_metrics(
 
     retrieval = _hierarchical_retrieval(image_emb, label_emb, root, true_taxa, steps)
     return {
+        "image_to_image_r1": image_to_image_r1(image_emb, true_taxa, ranks),
         "ordering_tau": float(np.nanmean(tau)),
         "hierarchical_retrieval": retrieval,
         "zero_shot_top1": {rank: float((flat[:, j] == true_taxa[:, j]).mean()) for j, rank in enumerate(ranks)},
@@ -195,6 +179,19 @@ def taxonomy_metrics(
         "n_images": int(len(true_taxa)),
         "n_taxa": {rank: len(p) for rank, p in zip(ranks, taxonomy.paths)},
     }
+
+
+def image_to_image_r1(image_emb: torch.Tensor, true_taxa: np.ndarray, ranks: Sequence[str]) -> dict[str, float]:
+    """Per rank, the fraction of images whose most similar other image shares their taxon there.
+
+    ``image_emb``: (N, D) normalised, N >= 2; ``true_taxa``: (N, L). Ties go to the lower index.
+    """
+    if len(image_emb) < 2:
+        raise ValueError("image -> image retrieval needs at least two images")
+    sims = image_emb.float() @ image_emb.float().T
+    sims.fill_diagonal_(float("-inf"))
+    nearest = sims.argmax(1).numpy()
+    return {rank: float((true_taxa[nearest, j] == true_taxa[:, j]).mean()) for j, rank in enumerate(ranks)}
 
 
 def _leaf_chains(taxonomy: Taxonomy) -> np.ndarray:
@@ -229,20 +226,25 @@ def evaluate_taxonomy(
     root_text: str = "",
     model: str | None = None,
     draft_size: int | None = None,
+    ranks: Sequence[str] = RANKS,
+    image_column: str = "filepath",
+    common_name_column: str = "common_name",
 ) -> dict[str, Any]:
     """Taxonomy metrics of ``encoder`` on the labelled images of a taxonomy table.
 
-    ``template`` wraps every label (``"a photo of {}."``); ``root_text``: ``""`` or ``"Eukarya"``.
+    ``template`` wraps every label (``"a photo of {}."``); ``root_text``: ``""`` or ``"Eukarya"``;
+    ``ranks``, ``image_column``, ``common_name_column``: the table's layout (as training's
+    ``taxonomy.*`` settings).
     """
-    tab = read_taxonomy_table(table)
+    tab = read_taxonomy_table(table, ranks, image_column, common_name_column, style)
     if not tab.image_files:
-        raise ValueError(f"{table}: no 'filepath' column; the table must name one image per row")
+        raise ValueError(f"{table}: no {image_column!r} column; the table must name one image per row")
     images_dir = Path(images_dir)
     paths = [images_dir / f for f in tab.image_files]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) of {table} are not under {images_dir}, e.g. {missing[:3]}")
-    labels = tab.taxonomy.labels(style)
+    labels = tab.label_texts
     with torch.no_grad():
         root = encode_texts(encoder, [root_text])[0]
         flat_labels = [template.format(t) for rank_labels in labels for t in rank_labels]
@@ -256,6 +258,7 @@ def evaluate_taxonomy(
         "label_style": style,
         "template": template,
         "root_text": root_text,
+        "ranks": list(ranks),
         "model": model,
         "backend": getattr(encoder, "kind", None),
         "table": str(table),

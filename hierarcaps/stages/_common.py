@@ -33,9 +33,27 @@ def model_id(component: Any) -> str:
     return str(getattr(component, "model_id", None) or type(component).__name__)
 
 
-def nli_pairs_counter(scorer: Any) -> int:
-    """Pairs the scorer has run through its model so far (0 if it does not count)."""
-    return int(getattr(scorer, "pairs_scored", 0))
+#: stats key -> counter attribute, of the generating model and of the NLI scorer.
+_GENERATOR_COUNTERS = {"generate_calls": "generate_calls", "prompt_tokens": "prompt_tokens",
+                       "generated_tokens": "generated_tokens"}
+_SCORER_COUNTERS = {"nli_pairs_scored": "pairs_scored", "nli_cache_hits": "cache_hits",
+                    "nli_forward_calls": "forward_calls"}
+
+
+def work_counters(generator: Any = None, scorer: Any = None) -> dict[str, int]:
+    """The throughput counters (:data:`hierarcaps.stats.THROUGHPUT_COUNTERS`) of a generator and
+    an NLI scorer so far; a component that is ``None`` is left out, a counter it lacks reads 0."""
+    values: dict[str, int] = {}
+    for component, counters in ((generator, _GENERATOR_COUNTERS), (scorer, _SCORER_COUNTERS)):
+        if component is not None:
+            values.update({key: int(getattr(component, attr, 0)) for key, attr in counters.items()})
+    return values
+
+
+def record_work(stats: Any, before: dict[str, int], generator: Any = None, scorer: Any = None) -> None:
+    """Add what the components did since ``before`` (:func:`work_counters`) to ``stats.extra``."""
+    for key, value in work_counters(generator, scorer).items():
+        stats.extra[key] = stats.extra.get(key, 0) + value - before[key]
 
 
 def dump(obj: Any) -> str:

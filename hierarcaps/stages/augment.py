@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from hierarcaps.generation import TextGenerator
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER, Rejection, normalize_text
-from hierarcaps.stages._common import call_seed
+from hierarcaps.stages._common import call_seed, record_work, work_counters
 from hierarcaps.stats import StageStats
 
 UNFINISHED_LINE = "unfinished_line"
@@ -39,11 +39,17 @@ CALL_BUDGET_FACTOR = 10
 
 @dataclass
 class AugmentSettings:
-    """Settings of few-shot augmentation (paper: Llama-2-13b, temperature 1.0, ~10K outputs)."""
+    """Settings of few-shot augmentation (paper: Llama-2-13b, temperature 1.0, ~10K outputs).
+
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
+    """
 
     target_count: int = 10000
     shots: int = 10
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 96
     batch_size: int = 16
     seed: int = 0
@@ -79,7 +85,7 @@ def augment_hierarchies(
     """Generate ``target_count`` synthetic hierarchies from few-shot prompts of seed hierarchies.
 
     Returns rows ``{"tiers": [T1, T2, T3, T4]}`` and stats whose ``items_in`` counts the
-    generated lines read (``extra``: ``generate_calls``, ``seed_hierarchies``,
+    generated lines read (``extra``: the generator's throughput counters, ``seed_hierarchies``,
     ``stopped_early``, ``lines_after_target``: lines of the last call left unread).
     """
     if not seed_tiers:
@@ -93,6 +99,7 @@ def augment_hierarchies(
     stats = StageStats(stage="augment")
     rows: list[dict[str, Any]] = []
     calls = 0
+    before = work_counters(generator)
     with stats.timed():
         while len(rows) < settings.target_count and calls < max_calls:
             prompts = [few_shot_prompt(seeds, rng, settings.shots) for _ in range(settings.batch_size)]
@@ -100,6 +107,8 @@ def augment_hierarchies(
                 prompts,
                 num_return_sequences=1,
                 temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
                 max_new_tokens=settings.max_new_tokens,
                 stop_at_newline=True,
                 seed=call_seed(settings.seed, calls),
@@ -119,8 +128,8 @@ def augment_hierarchies(
                 seen.add(tiers)
                 rows.append({"tiers": list(tiers)})
     stats.kept = len(rows)
+    record_work(stats, before, generator)
     stats.extra.update(
-        generate_calls=calls,
         seed_hierarchies=len(seeds),
         stopped_early=int(len(rows) < settings.target_count),
     )

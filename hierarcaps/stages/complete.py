@@ -18,7 +18,7 @@ is exactly the one an all-at-once check would accept.
 A caption without an accepted candidate is dropped; its reason in the stats is
 ``not_entailed`` when some candidate reached the NLI test, else the most frequent structural
 reason among its candidates. ``stats.extra`` also counts candidates per reason
-(``candidates_<reason>``), ``generate_calls`` and ``nli_pairs_scored``.
+(``candidates_<reason>``) and the throughput counters (:data:`hierarcaps.stats.THROUGHPUT_COUNTERS`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from typing import Any, Sequence
 from hierarcaps.generation import TextGenerator
 from hierarcaps.hierarchy import BACKWARD, Rejection, check_completion, completer_prompt, normalize_text, split_chain
 from hierarcaps.nli import entailed_not_entailing
-from hierarcaps.stages._common import as_rows, call_seed, chunks, dump, load_provenance, model_id, nli_pairs_counter, rounded
+from hierarcaps.stages._common import (
+    as_rows, call_seed, chunks, dump, load_provenance, model_id, record_work, rounded, work_counters,
+)
 from hierarcaps.stats import StageStats
 
 Candidate = tuple[int, list[str]]  # (sample index, [T1, T2, T3, T4])
@@ -42,10 +44,14 @@ class CompleteSettings:
 
     ``batch_size`` is the number of captions per generate call; ``nli_wave`` the number of
     structurally valid candidates per caption sent to the NLI model at a time.
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
     """
 
     num_candidates: int = 64
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 96
     batch_size: int = 8
     seed: int = 0
@@ -127,7 +133,7 @@ def complete_positives(
         if not isinstance(row.get("caption"), str):
             raise KeyError(f"row {number} has no 'caption' text to complete (keys: {sorted(row)})")
     stats = StageStats(stage="complete", items_in=len(items))
-    calls0, pairs0 = completer.generate_calls, nli_pairs_counter(scorer)
+    before = work_counters(completer, scorer)
     candidate_rejections: Counter[str] = Counter()
     out: list[dict[str, Any]] = []
     with stats.timed():
@@ -138,6 +144,8 @@ def complete_positives(
                 [completer_prompt([c], BACKWARD) for c in captions],
                 num_return_sequences=settings.num_candidates,
                 temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
                 max_new_tokens=settings.max_new_tokens,
                 seed=seed,
             )
@@ -162,7 +170,6 @@ def complete_positives(
                 }
                 out.append({**row, "positive": tiers, "provenance": dump(provenance)})
     stats.kept = len(out)
-    stats.extra["generate_calls"] = completer.generate_calls - calls0
-    stats.extra["nli_pairs_scored"] = nli_pairs_counter(scorer) - pairs0
+    record_work(stats, before, completer, scorer)
     stats.extra.update({f"candidates_{reason}": n for reason, n in sorted(candidate_rejections.items())})
     return out, stats

@@ -19,6 +19,11 @@ The completer is a seq2seq model (Flan-T5, the paper's choice) or, since
 ``model.config.is_encoder_decoder`` is false, a decoder-only causal LM: then the input and the
 target are concatenated (``input ids + target ids + eos``) and the loss covers the target only.
 At inference both are prompted with the input alone (:class:`~hierarcaps.generation.TextGenerator`).
+
+Precision: a model loaded in bfloat16 or float16 (``dtype=auto`` on a GPU) trains on float32
+master weights: AdamW updates float32 copies (a bfloat16 add of lr-sized steps would leave most
+weights unchanged), the forward pass runs under autocast in the loaded half dtype on CUDA (with
+loss scaling for float16), and the trained model is saved in the loaded dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tokenizers import AddedToken
 
 from hierarcaps.hierarchy import BACKWARD, FORWARD, N_TIERS, Rejection, completer_prompt, format_chain, normalize_text
 from hierarcaps.stats import StageStats
+from hierarcaps.stagedir import follow_umask
 
 NOT_FOUR_TIERS = "not_four_tiers"
 TRAINING_LOG = "training_log.json"
@@ -118,7 +124,10 @@ def train_completer(
         raise ValueError("no hierarchy with four non-empty tiers to train the completer on")
     with stats.timed():
         added = add_delimiter_tokens(tokenizer, model)
-        log = _train(valid, model, tokenizer, settings)
+        save_dtype = model.dtype
+        model.float()  # float32 master weights (a no-op for a float32 model)
+        log = _train(valid, model, tokenizer, settings, compute_dtype=save_dtype)
+        model.to(save_dtype)
         _save(model, tokenizer, settings, log, added, output_dir)
     stats.kept = len(valid)
     stats.extra.update(
@@ -142,10 +151,20 @@ def _valid_hierarchies(hierarchies: Sequence[Sequence[str]], stats: StageStats) 
     return valid
 
 
-def _train(hierarchies: list[list[str]], model: Any, tokenizer: Any, settings: CompleterSettings) -> dict[str, Any]:
-    """The training loop; returns the log (per-step losses, per-epoch mean losses, seconds)."""
+def _train(
+    hierarchies: list[list[str]], model: Any, tokenizer: Any, settings: CompleterSettings,
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """The training loop; returns the log (per-step losses, per-epoch mean losses, seconds).
+
+    ``model`` holds the (float32) weights AdamW updates; on CUDA a half ``compute_dtype`` runs
+    the forward pass under autocast, with a gradient scaler for float16.
+    """
     rng = random.Random(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    device_type = model.device.type
+    autocast = device_type == "cuda" and compute_dtype != torch.float32
+    scaler = torch.amp.GradScaler(device_type, enabled=autocast and compute_dtype == torch.float16)
     encode = _encode_seq2seq if model.config.is_encoder_decoder else _encode_causal
     losses: list[float] = []
     epoch_losses: list[float] = []
@@ -159,9 +178,11 @@ def _train(hierarchies: list[list[str]], model: Any, tokenizer: Any, settings: C
             epoch = []
             for begin in range(0, len(pairs), settings.batch_size):
                 batch = encode(tokenizer, pairs[begin:begin + settings.batch_size], settings)
-                loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
-                loss.backward()
-                optimizer.step()
+                with torch.autocast(device_type, dtype=compute_dtype, enabled=autocast):
+                    loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 epoch.append(float(loss.detach()))
             losses.extend(epoch)
@@ -220,6 +241,7 @@ def _save(model: Any, tokenizer: Any, settings: CompleterSettings, log: dict[str
         **log,
     }
     (tmp / TRAINING_LOG).write_text(json.dumps(record, indent=2))
+    follow_umask(tmp)
     if output_dir.exists():
         output_dir.rmdir()  # empty (checked before training); rename needs the name free
     os.replace(tmp, output_dir)

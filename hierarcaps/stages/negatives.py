@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from hierarcaps.generation import TextGenerator
 from hierarcaps.hierarchy import FORWARD, N_TIERS, Rejection, completer_prompt, first_tier
 from hierarcaps.nli import contradicts, entailed_not_entailing
-from hierarcaps.stages._common import as_rows, call_seed, chunks, dump, load_provenance, model_id, nli_pairs_counter
+from hierarcaps.stages._common import as_rows, call_seed, chunks, dump, load_provenance, model_id, record_work, work_counters
 from hierarcaps.stats import StageStats
 
 INCOMPLETE_NEGATIVE_CHAIN = "incomplete_negative_chain"
@@ -34,10 +34,16 @@ INCOMPLETE_NEGATIVE_CHAIN = "incomplete_negative_chain"
 
 @dataclass
 class NegativeSettings:
-    """Settings of negative hallucination (paper: 8 rounds, temperature 1.0)."""
+    """Settings of negative hallucination (paper: 8 rounds, temperature 1.0).
+
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
+    """
 
     rounds: int = 8
     temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 48
     batch_size: int = 8
     seed: int = 0
@@ -106,8 +112,8 @@ def hallucinate_negatives(
 
     ``rows``: dicts (or a ``datasets.Dataset``) with ``positive`` = [T1..T4]. Returns the
     complete rows in input order (provenance gains ``"negatives"``: completer, NLI model, and
-    per tier the round and probabilities) and the stage stats (``extra``: ``generate_calls``,
-    ``nli_pairs_scored``, ``candidates_<reason>`` per rejected hallucinated tier).
+    per tier the round and probabilities) and the stage stats (``extra``: the throughput
+    counters of :mod:`hierarcaps.stats`, ``candidates_<reason>`` per rejected hallucinated tier).
     """
     items = as_rows(rows)
     for number, row in enumerate(items):
@@ -115,7 +121,7 @@ def hallucinate_negatives(
         if not isinstance(positive, (list, tuple)) or len(positive) != N_TIERS:
             raise ValueError(f"row {number} needs 'positive' with {N_TIERS} tiers (run positive completion first)")
     stats = StageStats(stage="negatives", items_in=len(items))
-    calls0, pairs0 = completer.generate_calls, nli_pairs_counter(scorer)
+    before = work_counters(completer, scorer)
     rejected: Counter[str] = Counter()
     out: list[dict[str, Any]] = []
     with stats.timed():
@@ -127,8 +133,7 @@ def hallucinate_negatives(
                     continue
                 out.append(_negative_row(row, tiers, completer, scorer, settings))
     stats.kept = len(out)
-    stats.extra["generate_calls"] = completer.generate_calls - calls0
-    stats.extra["nli_pairs_scored"] = nli_pairs_counter(scorer) - pairs0
+    record_work(stats, before, completer, scorer)
     stats.extra.update({f"candidates_{reason}": n for reason, n in sorted(rejected.items())})
     return out, stats
 
@@ -153,6 +158,8 @@ def _hallucinate_batch(
             [prompts[item][i] for item, i in missing],
             num_return_sequences=1,
             temperature=settings.temperature,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
             max_new_tokens=settings.max_new_tokens,
             stop_strings=[FORWARD],
             seed=call_seed(settings.seed, batch_no, round_no),

@@ -6,7 +6,8 @@ gives T2 from T3, *what general concept includes* gives T1 from T2. Every step r
 captions still alive, in batched generate calls of ``batch_size`` prompts. The answer is the
 text inside the first quotation of the model's continuation (when the partial answer already
 opened a quotation, the text up to its closing mark); a quotation opened with ``"`` closes with
-``"``, one opened with ``“`` with ``”``, and it must close on the line it opened (a real model
+``"`` or ``”`` (models mix a straight opening with a curly closing mark), one opened with ``“``
+with ``”``, and it must close on the line it opened (a real model
 that never closes its quote rambles on for lines). An answer without a quotation is rejected
 (``no_quoted_text``), and so is one without a standard alphanumeric character
 (``no_alphanumeric``). Answers lose trailing sentence punctuation (models write
@@ -32,14 +33,15 @@ from hierarcaps.generation import TextGenerator
 from hierarcaps.hierarchy import Rejection, normalize_text
 from hierarcaps.nli import hierarchy_entailment
 from hierarcaps.prompting import SEED_PROMPTS, ChatPrompt, load_prompt, render_prompts
-from hierarcaps.stages._common import call_seed, chunks, dump, model_id, nli_pairs_counter, rounded
+from hierarcaps.stages._common import call_seed, chunks, dump, model_id, record_work, rounded, work_counters
 from hierarcaps.stats import StageStats
 
 NO_QUOTED_TEXT = "no_quoted_text"
 NO_ALPHANUMERIC = "no_alphanumeric"
 
-#: Opening quotation marks and the mark that closes each (straight with straight, curly with curly).
-_CLOSING_QUOTE = {'"': '"', "“": "”"}
+#: Opening quotation marks and the marks that close each: a straight opening closes with a
+#: straight or a curly mark, a curly opening with a curly one.
+_CLOSING_QUOTE = {'"': re.compile('["”]'), "“": re.compile("”")}
 _OPENING_QUOTE = re.compile('["“]')
 #: The end of an answer whose opening quote was in the partial answer (ours is straight).
 _OPEN_QUOTATION_END = re.compile(r'["”\n]')
@@ -50,9 +52,15 @@ _TRAILING_PUNCTUATION = " .,;:"
 
 @dataclass
 class SeedSettings:
-    """Settings of seed generation (paper: Llama-2-13b-chat, temperature 1.2, one attempt)."""
+    """Settings of seed generation (paper: Llama-2-13b-chat, temperature 1.2, one attempt).
+
+    ``top_k``/``top_p`` filter the sampled tokens; ``None`` (default) is the paper's plain
+    temperature sampling.
+    """
 
     temperature: float = 1.2
+    top_k: int | None = None
+    top_p: float | None = None
     max_new_tokens: int = 64
     attempts: int = 1
     batch_size: int = 16
@@ -64,7 +72,7 @@ def extract_quoted(continuation: str, quote_open: bool) -> str | None:
 
     ``quote_open``: the partial answer ended inside an open (straight) quotation, so the answer
     is the text up to the first closing mark, ``"`` or ``”``. Otherwise it is the text of the
-    first quotation, ``"..."`` or ``“...”``. Either way the quotation must close before the
+    first quotation, ``"..."``, ``"...”`` or ``“...”``. Either way the quotation must close before the
     line ends; a first quotation mark that closes nothing (a stray closing mark) means no answer.
     """
     if quote_open:
@@ -77,8 +85,8 @@ def extract_quoted(continuation: str, quote_open: bool) -> str | None:
         return None
     line_end = continuation.find("\n", opening.end())
     line = continuation[opening.end():line_end if line_end != -1 else None]
-    text, closed, _ = line.partition(_CLOSING_QUOTE[opening.group()])
-    return normalize_text(text) if closed else None
+    closing = _CLOSING_QUOTE[opening.group()].search(line)
+    return normalize_text(line[:closing.start()]) if closing else None
 
 
 def clean_answer(answer: str) -> str:
@@ -106,12 +114,12 @@ def generate_seeds(
     """Build seed hierarchies from captions (T4) with the three chat prompts and the NLI filter.
 
     Returns rows ``{"tiers": [T1, T2, T3, T4], "caption": T4, "provenance": json}`` in caption
-    order, and the stage stats (``extra``: ``generate_calls``, ``nli_pairs_scored``,
+    order, and the stage stats (``extra``: the throughput counters of :mod:`hierarcaps.stats`,
     ``rejected_attempts``).
     """
     stats = StageStats(stage="seeds", items_in=len(captions))
     prompts = [load_prompt(name) for name in SEED_PROMPTS]
-    calls0, pairs0 = generator.generate_calls, nli_pairs_counter(scorer)
+    before = work_counters(generator, scorer)
     accepted: dict[int, dict[str, Any]] = {}
     last_reason: dict[int, str] = {}
     with stats.timed():
@@ -135,8 +143,7 @@ def generate_seeds(
         stats.reject(reason)
     rows = [accepted[i] for i in sorted(accepted)]
     stats.kept = len(rows)
-    stats.extra["generate_calls"] = generator.generate_calls - calls0
-    stats.extra["nli_pairs_scored"] = nli_pairs_counter(scorer) - pairs0
+    record_work(stats, before, generator, scorer)
     return rows, stats
 
 
@@ -165,6 +172,8 @@ def _run_prompts(
                 inputs,
                 num_return_sequences=1,
                 temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
                 max_new_tokens=settings.max_new_tokens,
                 stop_at_newline=prompt.answer_opens_quote,  # the answer closes on its line
                 seed=call_seed(settings.seed, attempt, step, batch_no),

@@ -1,0 +1,200 @@
+"""What a review reads: the split of a build, a dataset folder or a release CSV; the sample; the images.
+
+``hierarcaps review SOURCE`` takes a build's output folder (its ``final/dataset``), a
+``DatasetDict`` folder (``save_to_disk``), or a release CSV (which is the split named by
+``--split``). The review database lives beside the source unless ``--db`` names it:
+``BUILD/review/<split>.sqlite`` for a build, ``<folder>.review-<split>.sqlite`` beside a dataset
+folder or CSV.
+
+Images: when ``--images DIR`` was written by ``hierarcaps fetch-images`` (it holds the mapping
+``images.parquet``: image_ref, status, path relative to DIR, and offset/size for images inside a
+webdataset tar shard), a reference is shown from its mapped file or tar member, and a failed
+fetch is reported with its reason. In any other folder a reference is shown from the file with
+its base name or the same COCO image id (the layout of the authors' ``test_imgs``). A reference
+that is itself a local file path is shown as is. Otherwise the page says the image is not
+available locally.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hierarcaps.formats import is_release_csv_path, load_dataset_folder, read_release_csv
+from hierarcaps.review.store import ReviewError, ReviewStore
+from hierarcaps.schema import SchemaError, release_to_rows
+
+FINAL_DATASET = Path("final") / "dataset"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+_COCO_ID = re.compile(r"COCO_[a-z0-9]+_0*(\d+)\.", re.IGNORECASE)
+
+
+FETCH_MAPPING = "images.parquet"
+
+
+@dataclass(frozen=True)
+class TarImage:
+    """An image stored inside a webdataset tar shard of ``hierarcaps fetch-images``, at a byte offset."""
+
+    tar: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.tar, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+
+@dataclass(frozen=True)
+class ReviewSource:
+    """A resolved review source: what it is, where the split's rows come from, the default database."""
+
+    path: Path
+    kind: str  # "build", "dataset" or "csv"
+    split: str
+
+    @property
+    def build_dir(self) -> Path | None:
+        """The build's output folder (whose card and manifest record the review), else ``None``."""
+        return self.path if self.kind == "build" else None
+
+    def default_db(self) -> Path:
+        if self.kind == "build":
+            return self.path / "review" / f"{self.split}.sqlite"
+        return self.path.with_name(f"{self.path.name}.review-{self.split}.sqlite")
+
+
+def resolve_source(path: str | Path, split: str) -> ReviewSource:
+    """Classify ``path`` as a build folder, a dataset folder or a release CSV; raise on anything else."""
+    path = Path(path)
+    if path.is_dir() and (path / FINAL_DATASET).is_dir():
+        return ReviewSource(path, "build", split)
+    if path.is_dir():
+        return ReviewSource(path, "dataset", split)
+    if path.is_file() and is_release_csv_path(path):
+        return ReviewSource(path, "csv", split)
+    if not path.exists():
+        raise ReviewError(f"{path}: no such build, dataset folder or release CSV")
+    raise ReviewError(f"{path}: not a build folder, a dataset folder or a release CSV (.csv, .csv.gz)")
+
+
+def load_rows(source: ReviewSource) -> list[dict[str, Any]]:
+    """The schema rows of the source's split; a missing split is a :class:`ReviewError` naming those present."""
+    try:
+        if source.kind == "csv":
+            return list(release_to_rows(read_release_csv(source.path)))
+        folder = source.path / FINAL_DATASET if source.kind == "build" else source.path
+        splits = load_dataset_folder(folder)
+    except SchemaError as err:
+        raise ReviewError(str(err)) from None
+    if source.split not in splits:
+        raise ReviewError(f"{folder}: has no split {source.split!r}; it has {sorted(splits)}; pass --split with one of them")
+    return list(splits[source.split])
+
+
+def sample_positions(n_rows: int, sample: int | None, seed: int) -> list[int]:
+    """Row indices to review: all rows, or ``sample`` of them drawn with ``random.Random(seed)``, in row order."""
+    if sample is None:
+        return list(range(n_rows))
+    if not 1 <= sample <= n_rows:
+        raise ReviewError(f"--sample {sample}: the split has {n_rows} items; pick 1..{n_rows} or leave --sample out")
+    return sorted(random.Random(seed).sample(range(n_rows), sample))
+
+
+class ImageIndex:
+    """Maps image references to local files (see the module docstring for the rules)."""
+
+    def __init__(self, images_dir: Path | None, base_dir: Path | None = None):
+        self.by_name: dict[str, Path] = {}
+        self.by_coco_id: dict[int, Path] = {}
+        self.fetched: dict[str, Path | TarImage | str] = {}  # image_ref -> location, or the failure reason
+        self.base_dir = base_dir
+        if images_dir is None:
+            return
+        images_dir = Path(images_dir)
+        if not images_dir.is_dir():
+            raise ReviewError(f"--images {images_dir}: no such folder")
+        if (images_dir / FETCH_MAPPING).is_file():
+            self._read_mapping(images_dir.resolve())
+            return
+        for path in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            self.by_name.setdefault(path.name, path)
+            match = _COCO_ID.search(path.name)
+            if match:
+                self.by_coco_id.setdefault(int(match.group(1)), path)
+
+    def _read_mapping(self, folder: Path) -> None:
+        import pandas as pd
+
+        try:
+            table = pd.read_parquet(folder / FETCH_MAPPING, columns=["image_ref", "status", "path", "offset", "size"])
+        except (OSError, ValueError, KeyError) as err:
+            raise ReviewError(f"{folder / FETCH_MAPPING}: not a fetch-images mapping ({err}); rerun hierarcaps fetch-images") from None
+        for ref, status, path, offset, size in table.itertuples(index=False):
+            if status != "ok":
+                self.fetched[ref] = str(status)
+            elif pd.isna(offset):
+                self.fetched[ref] = folder / path
+            else:
+                self.fetched[ref] = TarImage(folder / path, int(offset), int(size))
+
+    def missing_reason(self, ref: str) -> str:
+        """Why a reference has no local image (for the page)."""
+        reason = self.fetched.get(ref)
+        if isinstance(reason, str):
+            return f"fetch-images could not fetch it ({reason})"
+        return "not available locally (pass --images DIR)"
+
+    def find(self, ref: str) -> Path | TarImage | None:
+        """The local file (or tar member) of an image reference, or ``None``."""
+        if ref in self.fetched:
+            found = self.fetched[ref]
+            return None if isinstance(found, str) else found
+        name = ref.rstrip("/").rsplit("/", 1)[-1]
+        if name in self.by_name:
+            return self.by_name[name]
+        match = _COCO_ID.search(name)
+        if match and int(match.group(1)) in self.by_coco_id:
+            return self.by_coco_id[int(match.group(1))]
+        if "://" not in ref and ref:
+            path = Path(ref)
+            if not path.is_absolute() and self.base_dir is not None:
+                path = self.base_dir / path
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                return path
+        return None
+
+
+def open_review(source: ReviewSource, db: Path | None, sample: int | None, seed: int) -> ReviewStore:
+    """Open the review database of ``source`` (creating it with the sampled items on first use).
+
+    An existing database must have been started for the same source, split and sample, so a
+    changed ``--sample`` or ``--seed`` cannot silently mix two samples' verdicts.
+    """
+    db = Path(db) if db is not None else source.default_db()
+    meta = {"source": str(source.path.resolve()), "kind": source.kind, "split": source.split,
+            "sample": sample, "seed": seed}
+    if db.is_file():
+        store = ReviewStore(db)
+        started = {k: store.meta.get(k) for k in ("split", "sample", "seed")}
+        asked = {k: meta[k] for k in started}
+        if started != asked:
+            raise ReviewError(
+                f"{db}: this review was started with {_describe(started)}, not {_describe(asked)}; "
+                "repeat those options to continue it, or pass --db with a new file to start another"
+            )
+        return store
+    rows = load_rows(source)
+    chosen = [rows[i] for i in sample_positions(len(rows), sample, seed)]
+    if not chosen:
+        raise ReviewError(f"{source.path}: split {source.split!r} is empty; nothing to review")
+    return ReviewStore.create(db, chosen, meta)
+
+
+def _describe(options: dict[str, Any]) -> str:
+    sample = "all items" if options["sample"] is None else f"--sample {options['sample']} --seed {options['seed']}"
+    return f"--split {options['split']} {sample}"
