@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.context import refresh_global_settings_context
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.futures import as_completed, wait
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from hierarcaps.pipeline import FINAL, ORDER, STAGES, Pipeline, release_models
@@ -157,19 +157,15 @@ def run_build(
 
 @contextlib.contextmanager
 def _prefect_api(api_url: str | None) -> Iterator[None]:
-    """Point this process (every thread) and the processes it starts at ``api_url`` for the block."""
+    """Point this process (every thread) and the processes it starts at ``api_url``.
+
+    It stays so after the block: Prefect's log and event workers send what they still hold when
+    the interpreter exits, and a worker that found no API then would start a server of its own.
+    """
     if api_url is None:
         yield
         return
-    previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = api_url
     refresh_global_settings_context()  # Prefect read the environment when it was imported
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
-        refresh_global_settings_context()
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):  # over a settings context already entered
+        yield

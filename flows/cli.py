@@ -23,6 +23,7 @@ See ``docs/build.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -32,9 +33,11 @@ from typing import Any, Sequence
 
 from flows.server import ServerStartError, TemporaryServer
 from hierarcaps.estimate import add_estimate_arguments, print_estimate
-from hierarcaps.models import quiet_library_progress
-from hierarcaps.settings import PROFILES, SettingsError, resolve_settings
 from hierarcaps.summary import format_table, kept_work, summary_rows
+
+# hierarcaps.settings, hierarcaps.models and Prefect import torch, transformers or a web stack
+# (seconds, tens of seconds on a busy machine): they are imported inside the functions, after a
+# build that will run has started Prefect's temporary server, so that the server boots meanwhile.
 
 RESUME_HINT = "rerun the same command to resume"
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'build-hierarcaps finetune OUTPUT_DIR --model M' (see their --help).",
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for every output of the build")
-    parser.add_argument("--profile", default="paper", choices=PROFILES,
+    parser.add_argument("--profile", default="paper", metavar="{paper,smoke}",
                         help="built-in settings: paper (default; the paper's models and counts) or smoke "
                         "(tiny local models, offline plumbing check, not usable data)")
     parser.add_argument("--config", type=Path, help="settings file (TOML or YAML) applied over the profile")
@@ -136,15 +139,16 @@ class _Interruptible:
             signal.signal(signal.SIGINT, self.previous)
 
     def _stop(self, signum: int, frame: object) -> None:
-        if self.server is not None:
-            self.server.stop()
         try:
             kept = kept_work(self.pipe)
         except Exception as err:  # noqa: BLE001 - the exit must not depend on reading the folders
             kept = f"(could not list the finished stages: {err})"
         message = f"\nbuild-hierarcaps: interrupted.\n{kept}\nNothing finished is lost: {RESUME_HINT}.\n"
-        sys.stdout.flush()
-        os.write(sys.stderr.fileno(), message.encode("utf-8", "replace"))
+        with contextlib.suppress(Exception):  # the main thread may be inside a write to stdout
+            sys.stdout.flush()
+        os.write(sys.stderr.fileno(), message.encode("utf-8", "replace"))  # unbuffered: safe inside a handler
+        if self.server is not None:
+            self.server.stop()
         os._exit(INTERRUPTED)
 
 
@@ -161,13 +165,34 @@ def _cannot_resume(err: BaseException) -> bool:
     from hierarcaps.pipeline import InputError
     from hierarcaps.sources import SourceFormatError
 
+    from hierarcaps.settings import SettingsError
+
     return isinstance(err, (InputError, ModelLoadError, SettingsError, SourceFormatError))
+
+
+def _server() -> TemporaryServer | None:
+    """Start Prefect's temporary API server, unless the user points Prefect at one (``PREFECT_API_URL``)."""
+    return None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
 
 
 def main_build(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if (args.estimate or args.estimate_from or args.calibrate is not None) and not args.dry_run:
         build_parser().error("--estimate, --estimate-from and --calibrate need --dry-run (nothing is built)")
+    # Without a finished final stage the build will run: the server boots while the libraries load.
+    # With one, it may be a no-op rerun, which starts no server at all.
+    server = None if args.dry_run or (args.output_dir / "final" / "_SUCCESS").is_file() else _server()
+    code = _prepare_and_run(args, server)
+    if server is not None and code == 2:  # refused before the flow: nothing to report to the server
+        server.stop()
+    return code
+
+
+def _prepare_and_run(args: argparse.Namespace, server: TemporaryServer | None) -> int:
+    from hierarcaps.models import quiet_library_progress
+    from hierarcaps.settings import SettingsError, resolve_settings
+
+    quiet_library_progress()
     try:
         settings = resolve_settings(args.profile, args.config, args.overrides)
     except SettingsError as err:
@@ -196,7 +221,7 @@ def main_build(argv: Sequence[str]) -> int:
         return 0
     if _report((check_caption_files(settings) if read_captions else []) + check_model_paths(settings)):
         return 2
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
+    server = server or _server()
     with _Interruptible(pipe, server):
         return _run(pipe, args, server, read_captions)
 
@@ -210,8 +235,6 @@ def _run(pipe, args: argparse.Namespace, server: TemporaryServer | None, read_ca
     from hierarcaps.preflight import check_caption_content
 
     if read_captions and _report(check_caption_content(pipe.settings)):
-        if server is not None:
-            server.stop()
         return 2
     from flows.build import run_build
 
@@ -251,7 +274,7 @@ def main_publish(argv: Sequence[str]) -> int:
 
 
 def main_finetune(argv: Sequence[str]) -> int:
-    from finetune.config import load_settings, validate
+    from finetune.config import SettingsError, load_settings, validate
     from flows.finetune import build_dataset_dir, finetune_flow
 
     args = finetune_parser().parse_args(argv)
@@ -287,11 +310,11 @@ def main_finetune(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        quiet_library_progress()
-        if argv and argv[0] == "publish":
-            return main_publish(argv[1:])
-        if argv and argv[0] == "finetune":
-            return main_finetune(argv[1:])
+        if argv and argv[0] in ("publish", "finetune"):
+            from hierarcaps.models import quiet_library_progress
+
+            quiet_library_progress()
+            return (main_publish if argv[0] == "publish" else main_finetune)(argv[1:])
         return main_build(argv)
     except KeyboardInterrupt:  # before a build started, or in publish / finetune
         print("\nbuild-hierarcaps: interrupted", file=sys.stderr)

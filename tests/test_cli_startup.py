@@ -7,6 +7,9 @@ is started; the no-op rerun uses the test doubles of ``test_resume`` to finish a
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +65,17 @@ def test_noop_rerun_prints_the_summary_without_starting_prefect(tmp_path, fakes,
     stdout = capsys.readouterr().out
     assert "nothing to do, every stage is finished" in stdout
     assert "captions_train  done before" in stdout and "negatives" in stdout
+
+
+@pytest.mark.parametrize(("user_value", "expected"), [(None, "600.0"), ("45", "45.0")])
+def test_prefects_own_server_gets_the_generous_limit_unless_the_user_set_one(user_value, expected):
+    """Flows run from Python (or the finetune flow) use Prefect's own server; importing flows sets its limit."""
+    env = {k: v for k, v in os.environ.items() if k != STARTUP_TIMEOUT_ENV}
+    if user_value is not None:
+        env[STARTUP_TIMEOUT_ENV] = user_value
+    code = ("import flows.build; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
+            "print(float(s.value()))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
