@@ -1,7 +1,8 @@
 """Fail early and name the cause: caption sources, ``--dry-run`` checks, value ranges, model settings.
 
 No flow runs here: the captions stage is the real one (it reads files, no model), the CLI is run
-in-process with ``PREFECT_API_URL`` pointing nowhere so that it starts no temporary server, and
+in-process with its temporary-server start replaced by "no server" (the environment is left alone:
+Prefect reads ``PREFECT_API_URL`` once, when first imported, and later tests' flows need it unset), and
 ``flows.build.run_build`` is replaced where a test is about what the CLI prints around a failure.
 """
 
@@ -22,8 +23,8 @@ DEMO_TEST = "resources:demo/coco_captions.json"
 
 @pytest.fixture(autouse=True)
 def no_temporary_server(monkeypatch):
-    """The CLI starts Prefect's server only without PREFECT_API_URL; these tests never reach the flow."""
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    """These tests never reach Prefect's API: the CLI starts no temporary server for them."""
+    monkeypatch.setattr(cli, "_server", lambda: None)
 
 
 def _settings(train_path, *overrides: str):

@@ -58,7 +58,8 @@ def test_cli_failure_says_how_to_resume(tmp_path, monkeypatch, capsys):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr("flows.build.run_build", failing)
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no temporary server for a replaced flow
+    monkeypatch.setattr(cli, "_server", lambda: None)  # no temporary server for a replaced flow (and no
+    # PREFECT_API_URL pointing nowhere: Prefect reads it once, when first imported, for every later test)
     assert main(["--profile", "smoke", "--output-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "CUDA out of memory" in err and cli.RESUME_HINT in err
