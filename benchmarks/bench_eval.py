@@ -11,13 +11,16 @@ Two sets of figures:
 
 * evaluation: from the test CSV to the metrics, model already loaded (what the evaluator does);
 * whole command: wall time of a fresh process each (Python start-up, imports, model load,
-  evaluation), `hierarcaps-eval retrieval` against this script's ``--per-row-only`` mode.
+  evaluation), `hierarcaps-eval retrieval` against this script's ``--per-row-only`` mode; and,
+  for scale, a process that only starts, imports and loads the model (``--load-only``), the
+  fixed cost every command pays before evaluating anything.
 
 The metrics of all runs must be identical; the script says so, or exits 1.
 
     python benchmarks/bench_eval.py                      # tiny random CLIP, real test set if present
     python benchmarks/bench_eval.py --rows 200 --backend open-clip
     python benchmarks/bench_eval.py --model openai/clip-vit-base-patch32   # where the hub is reachable
+    python benchmarks/bench_eval.py --backend open-clip --random-arch ViT-B-32   # real-size towers, random weights
 """
 
 from __future__ import annotations
@@ -123,17 +126,32 @@ def command_seconds(argv: list[str]) -> tuple[float, dict]:
     return seconds, json.loads(done.stdout[done.stdout.index("{"):])
 
 
+def load_seconds(argv: list[str]) -> float:
+    """Wall time of a fresh process running ``argv`` (start-up, imports, model load only)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, env=env)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="hf-clip", choices=("hf-clip", "open-clip"))
     parser.add_argument("--model", default=None, help="model to load (default: a tiny random one built now)")
+    parser.add_argument("--random-arch", default=None, metavar="NAME",
+                        help="open_clip architecture (e.g. ViT-B-32) with random weights, saved once and loaded "
+                             "by every run: real-size towers without downloading weights")
     parser.add_argument("--rows", type=int, default=1000, help="test rows to use (first N)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None, help="image-decoding workers (default: CPU cores, at most 8)")
     parser.add_argument("--no-commands", action="store_true", help="skip the whole-command (fresh process) timings")
     parser.add_argument("--per-row-only", nargs=2, metavar=("TEST_CSV", "IMAGES"), help=argparse.SUPPRESS)
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load_only:  # the fixed cost of a command: start-up, imports, model load
+        load_backend(args.backend, args.model, device=args.device)
+        return
     if args.per_row_only:  # the loop as a command of its own, for the whole-command timing
         backend = load_backend(args.backend, args.model, device=args.device)
         csv, images = map(Path, args.per_row_only)
@@ -142,7 +160,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    model = args.model or str(build_tiny_model(args.backend.replace("-", "_"), tmp / "model"))
+    if args.random_arch and args.backend != "open-clip":
+        parser.error("--random-arch needs --backend open-clip")
+    if args.random_arch:
+        model = str(load_backend("open-clip", args.random_arch).save(tmp / "model"))
+    else:
+        model = args.model or str(build_tiny_model(args.backend.replace("-", "_"), tmp / "model"))
     backend = load_backend(args.backend, model, device=args.device)
     if (DATA / "hierarcaps_test.csv").is_file():
         csv, images_dir = tmp / "test.csv", DATA / "test_imgs"
@@ -172,6 +195,7 @@ def main() -> None:
                     "--workers", str(workers), "--image-cache", str(cmd_cache), "--output", str(tmp / "m.json")]
         loop_cmd = [sys.executable, str(Path(__file__).resolve()), "--backend", args.backend, "--model", model,
                     "--steps", str(args.steps), "--device", args.device, "--per-row-only", str(csv), str(images_dir)]
+        c_load = load_seconds(loop_cmd[:-3] + ["--load-only"])
         c_loop, m_loop = command_seconds(loop_cmd)
         c_cold, m_cold = command_seconds(ours_cmd)
         c_warm, m_warm = command_seconds(ours_cmd)
@@ -185,6 +209,8 @@ def main() -> None:
     same = all(same_scores(m, loop) for _, _, m in rows)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in loop["phase_s"].items())
     print(f"\nper-row loop phases: {phases}")
+    if not args.no_commands:
+        print(f"fixed cost of every command (Python start-up, imports, model load): {c_load:.1f} s")
     print(f"evaluation: warm x{t_loop / t_warm:.1f}, cold x{t_loop / t_cold:.1f} faster than the per-row loop; "
           f"metrics {'identical (to 1e-12)' if same else 'DIFFERENT'} across all runs")
     if not same:

@@ -98,7 +98,7 @@ class ImageEmbeddingCache:
             memo = memo if isinstance(memo, dict) else {}
         except (OSError, ValueError):
             memo = {}
-        names = [str(Path(p).resolve()) for p in paths]
+        names = [os.path.abspath(p) for p in paths]
         stats = [_stat_key(Path(p)) for p in paths]
         digests: list[str | None] = []
         for name, stat in zip(names, stats):
