@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None, help="image-decoding workers (default: CPU cores, at most 8)")
     parser.add_argument("--no-commands", action="store_true", help="skip the whole-command (fresh process) timings")
+    parser.add_argument("--repeat", type=int, default=1, help="whole-command runs of each kind; the median is shown")
     parser.add_argument("--per-row-only", nargs=2, metavar=("TEST_CSV", "IMAGES"), help=argparse.SUPPRESS)
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,16 +190,25 @@ def main() -> None:
     rows = [("per-row loop", t_loop, loop), ("ours, cold cache", t_cold, cold), ("ours, warm cache", t_warm, warm)]
 
     if not args.no_commands:
-        cmd_cache = tmp / "cmd-cache"
-        ours_cmd = [sys.executable, "-m", "finetune.evaluation.cli", "retrieval", "--backend", args.backend, "--model", model,
-                    "--test-csv", str(csv), "--images", str(images_dir), "--steps", str(args.steps), "--device", args.device,
-                    "--workers", str(workers), "--image-cache", str(cmd_cache), "--output", str(tmp / "m.json")]
         loop_cmd = [sys.executable, str(Path(__file__).resolve()), "--backend", args.backend, "--model", model,
                     "--steps", str(args.steps), "--device", args.device, "--per-row-only", str(csv), str(images_dir)]
-        c_load = load_seconds(loop_cmd[:-3] + ["--load-only"])
-        c_loop, m_loop = command_seconds(loop_cmd)
-        c_cold, m_cold = command_seconds(ours_cmd)
-        c_warm, m_warm = command_seconds(ours_cmd)
+        times: dict[str, list[float]] = {"load": [], "loop": [], "cold": [], "warm": []}
+        for r in range(args.repeat):  # interleaved, so that load from other jobs spreads over all four
+            ours_cmd = [sys.executable, "-m", "finetune.evaluation.cli", "retrieval", "--backend", args.backend,
+                        "--model", model, "--test-csv", str(csv), "--images", str(images_dir), "--steps", str(args.steps),
+                        "--device", args.device, "--workers", str(workers), "--image-cache", str(tmp / f"cmd-cache-{r}"),
+                        "--output", str(tmp / "m.json")]
+            times["load"].append(load_seconds(loop_cmd[:-3] + ["--load-only"]))
+            seconds, m_loop = command_seconds(loop_cmd)
+            times["loop"].append(seconds)
+            seconds, m_cold = command_seconds(ours_cmd)
+            times["cold"].append(seconds)
+            cold_cache = json.loads((tmp / "m.json").read_text())["image_cache"]
+            seconds, m_warm = command_seconds(ours_cmd)
+            times["warm"].append(seconds)
+            warm_cache = json.loads((tmp / "m.json").read_text())["image_cache"]
+            assert cold_cache["hits"] == 0 and warm_cache["misses"] == 0, (cold_cache, warm_cache)
+        c_load, c_loop, c_cold, c_warm = (float(np.median(times[k])) for k in ("load", "loop", "cold", "warm"))
         rows += [("command: per-row loop", c_loop, m_loop), ("command: ours, cold", c_cold, m_cold),
                  ("command: ours, warm", c_warm, m_warm)]
 
@@ -210,7 +220,9 @@ def main() -> None:
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in loop["phase_s"].items())
     print(f"\nper-row loop phases: {phases}")
     if not args.no_commands:
-        print(f"fixed cost of every command (Python start-up, imports, model load): {c_load:.1f} s")
+        print(f"fixed cost of every command (Python start-up, imports, model load, exit): {c_load:.1f} s; "
+              f"command seconds (median of {args.repeat}): " + "; ".join(f"{k} {v}" for k, v in
+                                                                        ((k, [round(x, 1) for x in t]) for k, t in times.items())))
     print(f"evaluation: warm x{t_loop / t_warm:.1f}, cold x{t_loop / t_cold:.1f} faster than the per-row loop; "
           f"metrics {'identical (to 1e-12)' if same else 'DIFFERENT'} across all runs")
     if not same:
