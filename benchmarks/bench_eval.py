@@ -11,13 +11,16 @@ Two sets of figures:
 
 * evaluation: from the test CSV to the metrics, model already loaded (what the evaluator does);
 * whole command: wall time of a fresh process each (Python start-up, imports, model load,
-  evaluation), `hierarcaps-eval retrieval` against this script's ``--per-row-only`` mode.
+  evaluation), `hierarcaps-eval retrieval` against this script's ``--per-row-only`` mode; and,
+  for scale, a process that only starts, imports and loads the model (``--load-only``), the
+  fixed cost every command pays before evaluating anything.
 
 The metrics of all runs must be identical; the script says so, or exits 1.
 
     python benchmarks/bench_eval.py                      # tiny random CLIP, real test set if present
     python benchmarks/bench_eval.py --rows 200 --backend open-clip
     python benchmarks/bench_eval.py --model openai/clip-vit-base-patch32   # where the hub is reachable
+    python benchmarks/bench_eval.py --backend open-clip --random-arch ViT-B-32   # real-size towers, random weights
 """
 
 from __future__ import annotations
@@ -123,17 +126,33 @@ def command_seconds(argv: list[str]) -> tuple[float, dict]:
     return seconds, json.loads(done.stdout[done.stdout.index("{"):])
 
 
+def load_seconds(argv: list[str]) -> float:
+    """Wall time of a fresh process running ``argv`` (start-up, imports, model load only)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, env=env)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="hf-clip", choices=("hf-clip", "open-clip"))
     parser.add_argument("--model", default=None, help="model to load (default: a tiny random one built now)")
+    parser.add_argument("--random-arch", default=None, metavar="NAME",
+                        help="open_clip architecture (e.g. ViT-B-32) with random weights, saved once and loaded "
+                             "by every run: real-size towers without downloading weights")
     parser.add_argument("--rows", type=int, default=1000, help="test rows to use (first N)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None, help="image-decoding workers (default: CPU cores, at most 8)")
     parser.add_argument("--no-commands", action="store_true", help="skip the whole-command (fresh process) timings")
+    parser.add_argument("--repeat", type=int, default=1, help="whole-command runs of each kind; the median is shown")
     parser.add_argument("--per-row-only", nargs=2, metavar=("TEST_CSV", "IMAGES"), help=argparse.SUPPRESS)
+    parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load_only:  # the fixed cost of a command: start-up, imports, model load
+        load_backend(args.backend, args.model, device=args.device)
+        return
     if args.per_row_only:  # the loop as a command of its own, for the whole-command timing
         backend = load_backend(args.backend, args.model, device=args.device)
         csv, images = map(Path, args.per_row_only)
@@ -142,7 +161,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    model = args.model or str(build_tiny_model(args.backend.replace("-", "_"), tmp / "model"))
+    if args.random_arch and args.backend != "open-clip":
+        parser.error("--random-arch needs --backend open-clip")
+    if args.random_arch:
+        model = str(load_backend("open-clip", args.random_arch).save(tmp / "model"))
+    else:
+        model = args.model or str(build_tiny_model(args.backend.replace("-", "_"), tmp / "model"))
     backend = load_backend(args.backend, model, device=args.device)
     if (DATA / "hierarcaps_test.csv").is_file():
         csv, images_dir = tmp / "test.csv", DATA / "test_imgs"
@@ -166,15 +190,25 @@ def main() -> None:
     rows = [("per-row loop", t_loop, loop), ("ours, cold cache", t_cold, cold), ("ours, warm cache", t_warm, warm)]
 
     if not args.no_commands:
-        cmd_cache = tmp / "cmd-cache"
-        ours_cmd = [sys.executable, "-m", "finetune.evaluation.cli", "retrieval", "--backend", args.backend, "--model", model,
-                    "--test-csv", str(csv), "--images", str(images_dir), "--steps", str(args.steps), "--device", args.device,
-                    "--workers", str(workers), "--image-cache", str(cmd_cache), "--output", str(tmp / "m.json")]
         loop_cmd = [sys.executable, str(Path(__file__).resolve()), "--backend", args.backend, "--model", model,
                     "--steps", str(args.steps), "--device", args.device, "--per-row-only", str(csv), str(images_dir)]
-        c_loop, m_loop = command_seconds(loop_cmd)
-        c_cold, m_cold = command_seconds(ours_cmd)
-        c_warm, m_warm = command_seconds(ours_cmd)
+        times: dict[str, list[float]] = {"load": [], "loop": [], "cold": [], "warm": []}
+        for r in range(args.repeat):  # interleaved, so that load from other jobs spreads over all four
+            ours_cmd = [sys.executable, "-m", "finetune.evaluation.cli", "retrieval", "--backend", args.backend,
+                        "--model", model, "--test-csv", str(csv), "--images", str(images_dir), "--steps", str(args.steps),
+                        "--device", args.device, "--workers", str(workers), "--image-cache", str(tmp / f"cmd-cache-{r}"),
+                        "--output", str(tmp / "m.json")]
+            times["load"].append(load_seconds(loop_cmd[:-3] + ["--load-only"]))
+            seconds, m_loop = command_seconds(loop_cmd)
+            times["loop"].append(seconds)
+            seconds, m_cold = command_seconds(ours_cmd)
+            times["cold"].append(seconds)
+            cold_cache = json.loads((tmp / "m.json").read_text())["image_cache"]
+            seconds, m_warm = command_seconds(ours_cmd)
+            times["warm"].append(seconds)
+            warm_cache = json.loads((tmp / "m.json").read_text())["image_cache"]
+            assert cold_cache["hits"] == 0 and warm_cache["misses"] == 0, (cold_cache, warm_cache)
+        c_load, c_loop, c_cold, c_warm = (float(np.median(times[k])) for k in ("load", "loop", "cold", "warm"))
         rows += [("command: per-row loop", c_loop, m_loop), ("command: ours, cold", c_cold, m_cold),
                  ("command: ours, warm", c_warm, m_warm)]
 
@@ -185,6 +219,10 @@ def main() -> None:
     same = all(same_scores(m, loop) for _, _, m in rows)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in loop["phase_s"].items())
     print(f"\nper-row loop phases: {phases}")
+    if not args.no_commands:
+        print(f"fixed cost of every command (Python start-up, imports, model load, exit): {c_load:.1f} s; "
+              f"command seconds (median of {args.repeat}): " + "; ".join(f"{k} {v}" for k, v in
+                                                                        ((k, [round(x, 1) for x in t]) for k, t in times.items())))
     print(f"evaluation: warm x{t_loop / t_warm:.1f}, cold x{t_loop / t_cold:.1f} faster than the per-row loop; "
           f"metrics {'identical (to 1e-12)' if same else 'DIFFERENT'} across all runs")
     if not same:

@@ -35,9 +35,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
-
-from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
+from typing import IO, TYPE_CHECKING, Iterator
 
 from hierarcaps.schema import (
     COLUMNS,
@@ -48,6 +46,9 @@ from hierarcaps.schema import (
     rows_to_release,
     split_release_tiers,
 )
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 _HIERARCHY_COLUMNS = ("captions", "positive", "negative")
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -107,6 +108,18 @@ def _records(path: Path) -> Iterator[tuple[int, list[str]]]:
 def read_release_csv(path: str | Path) -> Dataset:
     """Read a release CSV (any layout, compression by suffix) as a Dataset of its own string columns.
 
+    Raises :class:`ReleaseFormatError` as :func:`read_release_columns` does.
+    """
+    from datasets import Dataset, Features, Value
+
+    columns = read_release_columns(path)
+    return Dataset.from_dict(columns, features=Features({name: Value("string") for name in columns}))
+
+
+def read_release_columns(path: str | Path) -> dict[str, list[str]]:
+    """Read a release CSV (any layout, compression by suffix) as its columns, header order, every
+    cell verbatim; without importing ``datasets`` (for the evaluators).
+
     Raises :class:`ReleaseFormatError` naming the file and line when the header matches no
     release layout, a record has the wrong number of fields, or a hierarchy cell does not
     split into exactly four tiers on ``" => "``.
@@ -137,8 +150,7 @@ def read_release_csv(path: str | Path) -> Dataset:
                 raise ReleaseFormatError(str(err)) from None
         for column, value in zip(columns, fields):
             column.append(value)
-    features = Features({name: Value("string") for name in header})
-    return Dataset.from_dict(dict(zip(header, columns)), features=features)
+    return dict(zip(header, columns))
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -207,6 +219,8 @@ def save_dataset_dict(dataset_dict: DatasetDict, path: str | Path) -> Path:
 
 def load_dataset_folder(path: str | Path) -> DatasetDict:
     """Load a ``save_to_disk`` folder; a single ``Dataset`` folder becomes the split ``train``."""
+    from datasets import DatasetDict, load_from_disk
+
     path = Path(path)
     try:
         loaded = load_from_disk(str(path))
@@ -254,6 +268,8 @@ def csv_to_folder(
         splits.update({name: existing[name] for name in existing if name != split})
     splits[split] = release_to_rows(release)
     # Existing splits stay memory-mapped from the old folder while the new one is written beside it.
+    from datasets import DatasetDict
+
     dataset_dict = DatasetDict(splits)
     save_dataset_dict(dataset_dict, folder)
     return ConvertResult(output=folder, split=split, layout=layout, rows=release.num_rows)

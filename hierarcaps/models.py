@@ -35,6 +35,7 @@ import functools
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,9 +349,13 @@ def quiet_library_progress() -> None:
 
     A command's own bars (stages, shards, training steps) stay readable; the libraries' bars
     for reading weights or writing an Arrow file last milliseconds and only interleave with them.
+    ``datasets`` is not imported for this (it takes seconds, and ``hierarcaps-eval`` may never
+    need it): until it is, ``HF_DATASETS_DISABLE_PROGRESS_BARS`` (unless set) tells it at import.
     """
-    import datasets
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -26,26 +26,34 @@ and newlines, which must survive a round trip).
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, Literal, Mapping, Sequence
-
-import datasets
-from datasets import Dataset, DatasetDict, Features, Value
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
 
-FEATURES = Features(
-    {
-        "id": Value("string"),
-        "positive": datasets.Sequence(Value("string"), length=N_TIERS),
-        "negative": datasets.Sequence(Value("string")),
-        "caption": Value("string"),
-        "image_ref": Value("string"),
-        "source": Value("string"),
-        "provenance": Value("string"),
-    }
-)
-COLUMNS: tuple[str, ...] = tuple(FEATURES)
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict, Features
+
+COLUMNS: tuple[str, ...] = ("id", "positive", "negative", "caption", "image_ref", "source", "provenance")
+
+
+@functools.cache
+def schema_features() -> Features:
+    """:data:`FEATURES`, built on first use: importing ``datasets`` takes seconds, and reading a
+    release CSV (``hierarcaps-eval retrieval``) needs none of it."""
+    from datasets import Features, Sequence, Value
+
+    types = {"positive": Sequence(Value("string"), length=N_TIERS), "negative": Sequence(Value("string"))}
+    return Features({name: types.get(name, Value("string")) for name in COLUMNS})
+
+
+def __getattr__(name: str) -> Any:
+    """``FEATURES``: the ``datasets.Features`` of every split (see :func:`schema_features`)."""
+    if name == "FEATURES":
+        return schema_features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SOURCE_RELEASE = "hierarcaps_release"
 SOURCE_CONCEPTUAL_CAPTIONS = "conceptual_captions"
@@ -164,7 +172,9 @@ def rows_to_dataset(rows: Sequence[Mapping[str, Any]]) -> Dataset:
     for index, row in enumerate(rows):
         for key, value in normalize_row(row, index).items():
             columns[key].append(value)
-    return Dataset.from_dict(columns, features=FEATURES)
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns, features=schema_features())
 
 
 def release_to_rows(release: Dataset, source: str = SOURCE_RELEASE) -> Dataset:
@@ -196,7 +206,9 @@ def release_to_rows(release: Dataset, source: str = SOURCE_RELEASE) -> Dataset:
         "source": [source] * n,
         "provenance": ["{}"] * n,
     }
-    return Dataset.from_dict(columns, features=FEATURES)
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns, features=schema_features())
 
 
 def rows_to_release(rows: Dataset, layout: ReleaseLayout | None = None) -> Dataset:
@@ -234,6 +246,8 @@ def rows_to_release(rows: Dataset, layout: ReleaseLayout | None = None) -> Datas
             out = {"id": table["id"], **out}
     else:
         raise SchemaError(f"unknown release layout {layout!r}; expected one of {list(RELEASE_LAYOUTS)}")
+    from datasets import Dataset, Features, Value
+
     return Dataset.from_dict(out, features=Features({c: Value("string") for c in out}))
 
 
@@ -243,12 +257,14 @@ def to_dataset_dict(splits: Mapping[str, Dataset | Sequence[Mapping[str, Any]]],
     Each split may be a release table (mapped by :func:`release_to_rows` with ``source``), a
     schema ``Dataset``, or a list of row dicts (checked by :func:`rows_to_dataset`).
     """
+    from datasets import Dataset, DatasetDict
+
     out = {}
     for name, split in splits.items():
         if not isinstance(split, Dataset):
             out[name] = rows_to_dataset(split)
         elif set(COLUMNS) <= set(split.column_names):
-            out[name] = split.select_columns(list(COLUMNS)).cast(FEATURES)
+            out[name] = split.select_columns(list(COLUMNS)).cast(schema_features())
         else:
             out[name] = release_to_rows(split, source=source)
     return DatasetDict(out)

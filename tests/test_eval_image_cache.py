@@ -143,3 +143,41 @@ def test_default_cache_folder(monkeypatch, tmp_path):
     assert default_cache_dir() == Path.home() / ".cache" / "hierarcaps" / "image-embeddings"
     monkeypatch.setenv("HIERARCAPS_IMAGE_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
+
+
+def test_remembered_file_hashes_follow_every_change(tmp_path, monkeypatch):
+    """file-sha256.json saves rehashing unchanged files; a rewritten file (same size, mtime set
+    back) is hashed again, and a damaged memo is rebuilt, never trusted."""
+    import os
+
+    from finetune.evaluation import image_cache
+    from finetune.evaluation.common import file_sha256
+
+    monkeypatch.setattr(image_cache, "RACY_SECONDS", 0.0)  # files written just now may be remembered
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"img{i}.jpg")
+        paths[-1].write_bytes(bytes([i]) * 1000)
+    cache = ImageEmbeddingCache(tmp_path / "cache")
+    truth = [file_sha256(p) for p in paths]
+    assert cache.file_digests(paths) == truth and cache.hashed == 4
+    assert ImageEmbeddingCache(tmp_path / "cache").file_digests(paths) == truth  # a new process reads the memo
+    assert cache.file_digests(paths) == truth and cache.hashed == 4
+    # Same size, mtime restored: only the ctime tells; the file must be hashed again.
+    before = paths[1].stat()
+    paths[1].write_bytes(b"\x07" * 1000)
+    os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cache.file_digests(paths) == [truth[0], file_sha256(paths[1]), truth[2], truth[3]]
+    assert cache.hashed == 5 and file_sha256(paths[1]) != truth[1]
+    (tmp_path / "cache" / image_cache.HASHES_FILE).write_text("{not json")
+    assert cache.file_digests(paths)[1] == file_sha256(paths[1]) and cache.hashed == 9
+
+
+def test_recently_written_files_are_not_remembered(tmp_path):
+    """A file changed within RACY_SECONDS of hashing could change again inside one clock tick."""
+    path = tmp_path / "img.jpg"
+    path.write_bytes(b"x" * 100)
+    cache = ImageEmbeddingCache(tmp_path / "cache")
+    cache.file_digests([path])
+    cache.file_digests([path])
+    assert cache.hashed == 2

@@ -366,3 +366,26 @@ def test_cli_retrieval_writes_metrics_json(tiny_open_clip_dir, tmp_path, capsys)
     argv[argv.index("--images") + 1] = str(tmp_path / "nope")
     assert main(argv) == 2
     assert "images folder" in capsys.readouterr().err
+
+
+def test_console_command_exits_fast_without_losing_output(tmp_path):
+    """``hierarcaps-eval`` ends with os._exit: stdout (a pipe, block-buffered) must still arrive
+    whole, the output file must be complete, and the exit status must be main()'s."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    metrics = {"task": "hierarcaps_retrieval", "precision": 0.25, "recall": 0.5, "f1": 1 / 3, "tau_d": 0.75}
+    for name in ("before", "after"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(metrics))
+    argv = [sys.executable, "-m", "finetune.evaluation.cli", "compare", f"before={tmp_path / 'before.json'}",
+            f"after={tmp_path / 'after.json'}", "--output", str(tmp_path / "cmp.md")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "cmp.md").read_text()
+    assert "before" in table and "after" in table and done.stdout.strip() == table.strip()
+    argv[-3] = f"after={tmp_path / 'missing.json'}"
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "missing.json" in done.stderr

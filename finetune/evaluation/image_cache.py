@@ -12,6 +12,13 @@ any of them, or to an image file's bytes, is a miss. ``tower.json`` beside the e
 model the key was made from and the embedding size D, for whoever cleans the folder. Entries are written to a temporary file
 and renamed, so an interrupted run leaves no partial entry; an unreadable entry is recomputed.
 
+Hashing a thousand JPEGs costs more than reading their cached embeddings, so ``file-sha256.json`` in
+the cache folder remembers each image file's sha256 under its absolute path, size, modification
+time and status-change time (``st_ctime_ns``, which every write updates and no tool can set back);
+a file whose stat differs in any of them is hashed again. A file changed less than
+``RACY_SECONDS`` before it was hashed is not remembered, so that a second write within one tick
+of a coarse file-system clock cannot hide behind an unchanged stat.
+
 The command line caches by default in ``$HIERARCAPS_IMAGE_CACHE`` or else
 ``$XDG_CACHE_HOME/hierarcaps/image-embeddings`` (``~/.cache`` without XDG); ``--image-cache DIR``
 moves it and ``--no-image-cache`` turns it off. The Python
@@ -24,6 +31,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,16 +51,27 @@ def default_cache_dir() -> Path:
     return Path(base) / "hierarcaps" / "image-embeddings"
 
 
+HASHES_FILE = "file-sha256.json"
+RACY_SECONDS = 2.0
+
+
 def file_digests(paths: Sequence[Path], threads: int = 4) -> list[str]:
     """Content sha256 of each file, hashed in parallel threads (hashlib releases the GIL)."""
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return list(pool.map(file_sha256, paths))
 
 
+def _stat_key(path: Path) -> list[int]:
+    """What must be unchanged for a remembered file hash to hold: size, mtime and ctime (ns)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 class ImageEmbeddingCache:
     """Image embeddings on disk, keyed by image-tower key and image file content (module docstring).
 
-    ``hits`` and ``misses`` count the images looked up since the cache object was made.
+    ``hits`` and ``misses`` count the images looked up since the cache object was made, ``hashed``
+    the image files whose sha256 had to be computed (not remembered in ``file-sha256.json``).
     """
 
     def __init__(self, directory: Path | str) -> None:
@@ -68,6 +87,34 @@ class ImageEmbeddingCache:
             ) from None
         self.hits = 0
         self.misses = 0
+        self.hashed = 0
+
+    def file_digests(self, paths: Sequence[Path]) -> list[str]:
+        """Content sha256 of each image file: remembered in ``file-sha256.json`` while the file's
+        size, mtime and ctime are unchanged, else hashed (``hashed`` counts these) and remembered."""
+        memo_path = self.directory / HASHES_FILE
+        try:
+            memo = json.loads(memo_path.read_text())
+            memo = memo if isinstance(memo, dict) else {}
+        except (OSError, ValueError):
+            memo = {}
+        names = [os.path.abspath(p) for p in paths]
+        stats = [_stat_key(Path(p)) for p in paths]
+        digests: list[str | None] = []
+        for name, stat in zip(names, stats):
+            known = memo.get(name)
+            ok = isinstance(known, list) and len(known) == 2 and known[0] == stat and isinstance(known[1], str)
+            digests.append(known[1] if ok else None)
+        todo = [i for i, d in enumerate(digests) if d is None]
+        if todo:
+            settled = time.time_ns() - int(RACY_SECONDS * 1e9)
+            for i, digest in zip(todo, file_digests([paths[i] for i in todo])):
+                digests[i] = digest
+                if max(stats[i][1:]) < settled:
+                    memo[names[i]] = [stats[i], digest]
+            _write_bytes(memo_path, json.dumps(memo, separators=(",", ":")).encode())
+            self.hashed += len(todo)
+        return [d for d in digests if d is not None]
 
     def tower_key(self, encoder: Any, draft_size: int | None) -> str:
         """The image-tower part of the key for ``encoder`` decoding JPEGs at ``draft_size``."""
@@ -142,7 +189,7 @@ def cached_image_embeddings(
     """Embeddings (N, D) float32 of the image files: cached ones read, the rest computed by
     ``encode(paths) -> (n, D)`` and stored. Files with the same bytes are embedded once."""
     tower = cache.tower_key(encoder, draft_size)
-    digests = file_digests(paths)
+    digests = cache.file_digests(paths)
     unique = list(dict.fromkeys(digests))
     found = dict(zip(unique, cache.load(tower, unique)))
     missing = [d for d in unique if found[d] is None]

@@ -49,7 +49,7 @@ from finetune.evaluation.common import (
 )
 from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.geometry import radius
-from hierarcaps.formats import load_dataset_folder, read_release_csv
+from hierarcaps.formats import load_dataset_folder, read_release_columns
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
 
 Variant = Literal["released", "paper"]
@@ -73,14 +73,14 @@ class RetrievalSet:
 
 
 def read_test_csv(path: Path) -> RetrievalSet:
-    """Read a release CSV (``hierarcaps.formats.read_release_csv``): curated test (``id, captions,
+    """Read a release CSV (``hierarcaps.formats.read_release_columns``): curated test (``id, captions,
     image_url``) or expanded / train (``positive, negative, image_url``; only positives are used).
 
     Tiers are stripped of surrounding whitespace, as the released evaluator does.
     """
     path = Path(path)
-    table = read_release_csv(path)
-    column = "captions" if "captions" in table.column_names else "positive"
+    table = read_release_columns(path)
+    column = "captions" if "captions" in table else "positive"
     chains = [tuple(t.strip() for t in cell.split(RELEASE_DELIMITER)) for cell in table[column]]
     return RetrievalSet(chains, list(table["image_url"]), str(path), file_sha256(path), "file")
 
