@@ -35,6 +35,7 @@ from prefect.futures import as_completed, wait
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.server import TemporaryServer
 from hierarcaps.pipeline import FINAL, ORDER, STAGES, Pipeline, release_models
 from hierarcaps.settings import BuildSettings, from_dict, to_dict
 from hierarcaps.summary import format_table, summary_rows
@@ -138,7 +139,7 @@ def run_build(
     """Run the flow with the chosen task runner (``thread`` or ``dask``).
 
     ``api_url``: the Prefect API to report to (the CLI's :class:`flows.server.TemporaryServer`);
-    ``None`` leaves the choice to Prefect's settings (its own temporary server when none is set).
+    ``None``: ``PREFECT_API_URL`` if set, else a temporary server (:func:`prefect_api`).
     """
     concurrency = settings.sharding.concurrency
     if task_runner == "thread":
@@ -151,21 +152,30 @@ def run_build(
         )
     else:
         raise ValueError(f"--task-runner must be 'thread' or 'dask', got {task_runner!r}")
-    with _prefect_api(api_url):
+    with prefect_api(api_url):
         return build_hierarcaps.with_options(task_runner=runner)(to_dict(settings), str(Path(output_dir).resolve()))
 
 
 @contextlib.contextmanager
-def _prefect_api(api_url: str | None) -> Iterator[None]:
-    """Point this process (every thread) and the processes it starts at ``api_url``.
+def prefect_api(api_url: str | None = None) -> Iterator[str]:
+    """Point this process (every thread) and the processes it starts at a Prefect API; yield its URL.
 
-    It stays so after the block: Prefect's log and event workers send what they still hold when
-    the interpreter exits, and a worker that found no API then would start a server of its own.
+    ``api_url`` given: that one. Else the configured ``PREFECT_API_URL``, if any. Else a
+    :class:`flows.server.TemporaryServer` started here, never Prefect's own temporary server: that
+    one runs uvicorn with ``--app-dir site-packages``, which puts every top-level module installed
+    there ahead of the standard library; img2dataset's requirement installs the Python 3.6
+    ``dataclasses`` backport, and with it Prefect's own server exits at start-up (``TypeError:
+    dataclass() got an unexpected keyword argument 'slots'``). Our server runs uvicorn without it.
+
+    The URL stays set after the block: Prefect's log and event workers send what they still hold
+    when the interpreter exits, and a worker that found no API then would start a server of its own;
+    a server started here stops when the interpreter exits.
     """
     if api_url is None:
-        yield
-        return
+        api_url = PREFECT_API_URL.value() or None
+    if api_url is None:
+        api_url = TemporaryServer().start().wait_ready()
     os.environ["PREFECT_API_URL"] = api_url
     refresh_global_settings_context()  # Prefect read the environment when it was imported
     with temporary_settings(updates={PREFECT_API_URL: api_url}):  # over a settings context already entered
-        yield
+        yield api_url

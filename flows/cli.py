@@ -290,8 +290,14 @@ def main_finetune(argv: Sequence[str]) -> int:
     except SettingsError as err:
         print(f"build-hierarcaps finetune: settings error: {err}", file=sys.stderr)
         return 2
+    from flows.build import prefect_api
+
     try:
-        result = finetune_flow(args.output_dir, settings)
+        with prefect_api():  # our temporary server unless PREFECT_API_URL is set (see prefect_api)
+            result = finetune_flow(args.output_dir, settings)
+    except ServerStartError as err:
+        print(f"build-hierarcaps finetune: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - any failure ends the same way for the user
         print(f"build-hierarcaps finetune: failed: {type(err).__name__}: {err}\n"
               f"Checkpoints are kept: add --set run.resume=true to continue.", file=sys.stderr)

@@ -113,3 +113,16 @@ def smoke_build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke-build")
     Pipeline(resolve_settings("smoke"), out).run()
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """One Prefect API for every flow run in-process by the tests (:func:`flows.build.prefect_api`).
+
+    Flows called directly would otherwise start Prefect's own temporary server, which cannot start
+    where img2dataset's requirement installed the ``dataclasses`` backport (see ``prefect_api``).
+    """
+    from flows.build import prefect_api
+
+    with prefect_api() as api_url:
+        yield api_url

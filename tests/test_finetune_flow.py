@@ -145,3 +145,7 @@ def test_build_cli_finetune_refuses_an_unfinished_build(tmp_path, capsys):
     (tmp_path / "final" / "dataset").mkdir(parents=True)
     assert main(["finetune", str(tmp_path), "--model", "unused"]) == 2
     assert "unfinished" in capsys.readouterr().err
+
+
+# Flows run here report to one session-wide Prefect API (conftest.prefect_server).
+pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -91,3 +91,7 @@ def test_cli_checks_caption_files_before_starting(tmp_path, monkeypatch, capsys)
     assert main(["--output-dir", str(tmp_path), "--dry-run"] + missing) == 2  # the plan still prints, then the error
     captured = capsys.readouterr()
     assert captured.out.startswith("output dir: ") and "cc.tsv': no such file" in captured.err
+
+
+# Flows run here report to one session-wide Prefect API (conftest.prefect_server).
+pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -51,3 +51,7 @@ def test_dask_runner_runs_shards_on_workers_and_builds_the_same_dataset(tmp_path
     assert all(where.startswith(worker_address) for where in ran_on.values())
     assert result["final"] == str(out / "final")
     assert _dataset(out) == _dataset(reference)
+
+
+# Flows run here report to one session-wide Prefect API (conftest.prefect_server).
+pytestmark = pytest.mark.usefixtures("prefect_server")

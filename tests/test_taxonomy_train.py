@@ -129,3 +129,7 @@ def test_finetune_flow_evaluates_the_taxonomy_before_and_after(tiny_open_clip_di
     assert result["after"]["model"] == result["train"]["final_dir"]
     table = (tmp_path / "run" / "eval" / "comparison.md").read_text()
     assert "| taxonomy.image_to_image_r1.species |" in table and "| taxonomy.nlca_top_down |" in table
+
+
+# Flows run here report to one session-wide Prefect API (conftest.prefect_server).
+pytestmark = pytest.mark.usefixtures("prefect_server")
