@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import gc
-import json
 import math
 import random
 import threading
@@ -45,7 +44,6 @@ import torch
 from hierarcaps.stagedir import (
     StageDir,
     count_rows,
-    fingerprint,
     read_rows,
     stage_dir_name,
     to_jsonable,

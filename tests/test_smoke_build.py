@@ -9,7 +9,6 @@ a dataset card and a manifest that say it is a plumbing check.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import datasets
 import pytest
