@@ -27,16 +27,15 @@ from typing import Sequence
 import numpy as np
 from datasets import Dataset, Value
 
-from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
+from hierarcaps.formats import (
+    BUILD_FINAL, CSV_SUFFIXES, UnfinishedBuildError, find_build_dataset, load_dataset_folder, read_release_csv,
+)
 from hierarcaps.hierarchy import N_TIERS
 from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
 from hierarcaps.manifest import MANIFEST
 from hierarcaps.schema import SchemaError, release_layout, release_to_rows
-from hierarcaps.stagedir import SUCCESS
 
 TEXTS_PER_ITEM = 2 * N_TIERS  # P1..P4 then N1..N4
-#: The folder of a build's output that holds ``dataset/``, ``_SUCCESS`` and ``manifest.json``.
-BUILD_FINAL = "final"
 #: Files ``save_to_disk`` writes at the top of a ``DatasetDict`` / ``Dataset`` folder.
 _DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json")
 
@@ -69,25 +68,17 @@ def _is_csv(path: Path) -> bool:
     return path.is_file() and str(path).lower().endswith(CSV_SUFFIXES)
 
 
-def find_build_dataset(folder: Path) -> Path | None:
-    """``folder/final/dataset`` or ``folder/dataset`` when ``folder`` is a build's output (or its ``final``).
-
-    ``None`` when ``folder`` holds neither. A build without the ``_SUCCESS`` marker of its final
-    stage is unfinished (or failed) and is refused with :class:`TrainDataError`.
-    """
-    for final in (folder / BUILD_FINAL, folder):
-        if (final / "dataset").is_dir():
-            if not (final / SUCCESS).is_file():
-                raise TrainDataError(
-                    f"{final}: the build is unfinished (no {SUCCESS}); rerun the same build-hierarcaps command first"
-                )
-            return final / "dataset"
-    return None
+def _build_dataset(folder: Path) -> Path | None:
+    """:func:`hierarcaps.formats.find_build_dataset`, an unfinished build as a :class:`TrainDataError`."""
+    try:
+        return find_build_dataset(folder)
+    except UnfinishedBuildError as err:
+        raise TrainDataError(str(err)) from None
 
 
 def build_dataset_dir(build_output_dir: Path) -> Path:
     """The ``DatasetDict`` folder of a finished build: ``OUT/final/dataset`` (``OUT`` or ``OUT/final`` given)."""
-    found = find_build_dataset(Path(build_output_dir))
+    found = _build_dataset(Path(build_output_dir))
     if found is None:
         raise TrainDataError(
             f"{build_output_dir}: no {BUILD_FINAL}/dataset folder; give the --output-dir of a finished build-hierarcaps run"
@@ -99,7 +90,7 @@ def dataset_folder(path: Path) -> Path:
     """``path`` itself when ``save_to_disk`` wrote it, else the dataset of the build output ``path``."""
     if any((path / marker).is_file() for marker in _DATASET_MARKERS):
         return path
-    found = find_build_dataset(path)
+    found = _build_dataset(path)
     if found is None:
         raise TrainDataError(
             f"{path}: neither a dataset folder (save_to_disk) nor a build-hierarcaps output folder with "

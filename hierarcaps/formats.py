@@ -59,6 +59,33 @@ class ReleaseFormatError(SchemaError):
     """A file is not a release CSV, or a dataset folder cannot be converted; the message says where."""
 
 
+#: The folder of a build's output that holds ``dataset/``, ``_SUCCESS`` and ``manifest.json``.
+BUILD_FINAL = "final"
+
+
+class UnfinishedBuildError(ValueError):
+    """A build output whose final stage has no ``_SUCCESS`` marker: unfinished, or failed."""
+
+
+def find_build_dataset(folder: str | Path) -> Path | None:
+    """``folder/final/dataset`` or ``folder/dataset`` when ``folder`` is a build's output (or its ``final``).
+
+    ``None`` when ``folder`` holds neither. A build without the ``_SUCCESS`` marker of its final
+    stage is refused with :class:`UnfinishedBuildError`.
+    """
+    from hierarcaps.stagedir import SUCCESS  # imported here: stagedir loads pyarrow, readers of CSVs need none
+
+    folder = Path(folder)
+    for final in (folder / BUILD_FINAL, folder):
+        if (final / "dataset").is_dir():
+            if not (final / SUCCESS).is_file():
+                raise UnfinishedBuildError(
+                    f"{final}: the build is unfinished (no {SUCCESS}); rerun the same build-hierarcaps command first"
+                )
+            return final / "dataset"
+    return None
+
+
 def is_release_csv_path(path: str | Path) -> bool:
     """Whether a file name looks like a (possibly compressed) release CSV."""
     return str(path).lower().endswith(CSV_SUFFIXES)

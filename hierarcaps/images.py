@@ -54,9 +54,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hierarcaps.formats import CSV_SUFFIXES, load_dataset_folder, read_release_csv
+from hierarcaps.formats import CSV_SUFFIXES, UnfinishedBuildError, find_build_dataset, load_dataset_folder, read_release_csv
 from hierarcaps.schema import SchemaError
-from hierarcaps.stagedir import SUCCESS, atomic_path, write_json_atomic
+from hierarcaps.stagedir import atomic_path, write_json_atomic
 
 MAPPING_FILE = "images.parquet"
 REPORT_FILE = "fetch_report.json"
@@ -156,12 +156,10 @@ class FetchResult:
 
 def _dataset_folder(path: Path) -> Path:
     """The dataset folder of a build output (``OUT`` or ``OUT/final``), else ``path`` itself."""
-    for final in (path / "final", path):
-        if (final / "dataset").is_dir():
-            if not (final / SUCCESS).is_file():
-                raise FetchError(f"{final}: the build is unfinished (no {SUCCESS}); rerun the same build-hierarcaps command first")
-            return final / "dataset"
-    return path
+    try:
+        return find_build_dataset(path) or path
+    except UnfinishedBuildError as err:
+        raise FetchError(str(err)) from None
 
 
 def read_image_refs(source: str | Path, split: str | None = None) -> tuple[list[str], int]:
