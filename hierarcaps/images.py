@@ -479,13 +479,17 @@ def load_image_map(folder: str | Path) -> dict[str, FetchedImage]:
     return images
 
 
+def read_tar_member(member: TarMember) -> bytes:
+    """The stored bytes of an image inside a webdataset tar shard (the file as fetched)."""
+    with open(member.tar, "rb") as fh:
+        fh.seek(member.offset)
+        return fh.read(member.size)
+
+
 def open_image(location: ImageLocation) -> Image.Image:
     """An RGB image from a file or from a member of a webdataset tar shard."""
     if isinstance(location, TarMember):
-        with open(location.tar, "rb") as fh:
-            fh.seek(location.offset)
-            data = io.BytesIO(fh.read(location.size))
-        with Image.open(data) as img:
+        with Image.open(io.BytesIO(read_tar_member(location))) as img:
             return img.convert("RGB")
     with Image.open(location) as img:
         return img.convert("RGB")

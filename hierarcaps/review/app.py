@@ -26,7 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from hierarcaps.review.items import ImageIndex, TarImage
+from hierarcaps.images import TarMember, read_tar_member
+from hierarcaps.review.items import ImageIndex
 from hierarcaps.review.store import ItemState, ReviewError, ReviewStore, UnknownItemError
 
 TOKEN_HEADER = "X-Review-Token"
@@ -94,8 +95,8 @@ def create_app(store: ReviewStore, images: ImageIndex, token: str) -> FastAPI:
         found = images.find(ref)
         if found is None:
             raise UnknownItemError(f"item {index}: image {ref!r} is {images.missing_reason(ref)}")
-        if isinstance(found, TarImage):
-            return Response(found.read(), media_type="image/jpeg")  # fetch-images stores JPEG
+        if isinstance(found, TarMember):
+            return Response(read_tar_member(found), media_type="image/jpeg")  # fetch-images stores JPEG
         return FileResponse(found)
 
     @app.post("/api/items/{index}/verdict")

@@ -24,29 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from hierarcaps.formats import is_release_csv_path, load_dataset_folder, read_release_csv
+from hierarcaps.images import OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
 from hierarcaps.review.store import ReviewError, ReviewStore
 from hierarcaps.schema import SchemaError, release_to_rows
 
 FINAL_DATASET = Path("final") / "dataset"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 _COCO_ID = re.compile(r"COCO_[a-z0-9]+_0*(\d+)\.", re.IGNORECASE)
-
-
-FETCH_MAPPING = "images.parquet"
-
-
-@dataclass(frozen=True)
-class TarImage:
-    """An image stored inside a webdataset tar shard of ``hierarcaps fetch-images``, at a byte offset."""
-
-    tar: Path
-    offset: int
-    size: int
-
-    def read(self) -> bytes:
-        with open(self.tar, "rb") as handle:
-            handle.seek(self.offset)
-            return handle.read(self.size)
 
 
 @dataclass(frozen=True)
@@ -111,36 +95,25 @@ class ImageIndex:
     def __init__(self, images_dir: Path | None, base_dir: Path | None = None):
         self.by_name: dict[str, Path] = {}
         self.by_coco_id: dict[int, Path] = {}
-        self.fetched: dict[str, Path | TarImage | str] = {}  # image_ref -> location, or the failure reason
+        self.fetched: dict[str, ImageLocation | str] = {}  # image_ref -> location, or the failure reason
         self.base_dir = base_dir
         if images_dir is None:
             return
         images_dir = Path(images_dir)
         if not images_dir.is_dir():
             raise ReviewError(f"--images {images_dir}: no such folder")
-        if (images_dir / FETCH_MAPPING).is_file():
-            self._read_mapping(images_dir.resolve())
+        if is_fetched_folder(images_dir):
+            try:
+                mapping = load_image_map(images_dir)
+            except FetchError as err:
+                raise ReviewError(str(err)) from None
+            self.fetched = {ref: image.location if image.status == OK else image.status for ref, image in mapping.items()}
             return
         for path in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             self.by_name.setdefault(path.name, path)
             match = _COCO_ID.search(path.name)
             if match:
                 self.by_coco_id.setdefault(int(match.group(1)), path)
-
-    def _read_mapping(self, folder: Path) -> None:
-        import pandas as pd
-
-        try:
-            table = pd.read_parquet(folder / FETCH_MAPPING, columns=["image_ref", "status", "path", "offset", "size"])
-        except (OSError, ValueError, KeyError) as err:
-            raise ReviewError(f"{folder / FETCH_MAPPING}: not a fetch-images mapping ({err}); rerun hierarcaps fetch-images") from None
-        for ref, status, path, offset, size in table.itertuples(index=False):
-            if status != "ok":
-                self.fetched[ref] = str(status)
-            elif pd.isna(offset):
-                self.fetched[ref] = folder / path
-            else:
-                self.fetched[ref] = TarImage(folder / path, int(offset), int(size))
 
     def missing_reason(self, ref: str) -> str:
         """Why a reference has no local image (for the page)."""
@@ -149,7 +122,7 @@ class ImageIndex:
             return f"fetch-images could not fetch it ({reason})"
         return "not available locally (pass --images DIR)"
 
-    def find(self, ref: str) -> Path | TarImage | None:
+    def find(self, ref: str) -> ImageLocation | None:
         """The local file (or tar member) of an image reference, or ``None``."""
         if ref in self.fetched:
             found = self.fetched[ref]
