@@ -21,6 +21,7 @@ import argparse
 import atexit
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def _model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
     p.add_argument("--backend", required=True, choices=("hf-clip", "open-clip", "text"), help="model family")
     if multiple:
         p.add_argument("--model", required=True, action="append",
-                       help="hub id, folder or open_clip name; repeat (e.g. before, after); LABEL=MODEL names a column")
+                       help="hub id, folder or open_clip name; repeat (e.g. before, after); LABEL=MODEL names it")
     else:
         p.add_argument("--model", required=True, help="hub id, save_pretrained folder, or open_clip name/folder")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
@@ -75,14 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("retrieval", help="HierarCaps hierarchical retrieval metrics")
-    _model_args(p)
+    _model_args(p, multiple=True)
     _test_args(p)
     p.add_argument("--variant", choices=("released", "paper"), default="released",
                    help="released evaluator (global thresholds; default) or the paper's text (per-image thresholds)")
     p.add_argument("--steps", type=int, default=50, help="number of radius thresholds")
     p.add_argument("--batch-size", type=int, default=256, help="texts per model call")
     p.add_argument("--image-batch-size", type=int, default=64, help="images per model call")
-    p.add_argument("--output", required=True, help="metrics JSON to write")
+    p.add_argument("--output", required=True,
+                   help="metrics JSON to write; with several --model, a folder: LABEL.json each, then comparison.md")
 
     p = sub.add_parser("report", help="qualitative HTML report, plots and comparison")
     _model_args(p, multiple=True)
@@ -190,6 +192,60 @@ def _finish(obj: dict[str, Any], output: str) -> int:
     return 0
 
 
+def _short_name(model: str) -> str:
+    """An unlabelled model's label: the last part of its path or hub id (``runs/re/step-100`` -> ``step-100``)."""
+    return model.rstrip("/").rsplit("/", 1)[-1] or model
+
+
+def _output_files(folder: Path, labels: Sequence[str]) -> list[Path]:
+    """``folder/<label>.json`` for each model label (characters other than letters, digits, ``.``,
+    ``_`` and ``-`` become ``_``). Raises ``ValueError`` when ``folder`` is a file or two labels
+    would write the same file."""
+    if folder.is_file():
+        raise ValueError(f"--output {folder} is a file; with several --model it is the folder for one JSON per model")
+    paths = [folder / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label).strip('._') or 'model'}.json" for label in labels]
+    for i, path in enumerate(paths):
+        if path in paths[:i]:
+            raise ValueError(f"two --model values would both write {path}: name each as LABEL=MODEL with distinct labels")
+    return paths
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    """``retrieval`` for each ``--model`` in turn, in this one process.
+
+    Start-up, imports and reading the test set are paid once, and checkpoints whose image tower
+    is unchanged (text-only fine-tuning) read the image embeddings the first one cached. With one
+    model ``--output`` is its metrics JSON; with several it is a folder that gets ``<label>.json``
+    as each model finishes (a later failure keeps them) and then ``comparison.md``; a model given
+    without ``LABEL=`` is labelled by the last part of its path or hub id.
+    """
+    import gc
+
+    from finetune.evaluation.retrieval import evaluate_retrieval, load_test_set
+    from finetune.evaluation.suite import compare_checkpoints
+
+    models = [(label if label != model else _short_name(model), model) for label, model in map(_labelled, args.model)]
+    outputs = [Path(args.output)] if len(models) == 1 else _output_files(Path(args.output), [m[0] for m in models])
+    options = _image_options(args)
+    test = load_test_set(args.test_csv)
+    for i, ((label, model), output) in enumerate(zip(models, outputs), 1):
+        encoder = _load(args, model)
+        start = time.perf_counter()
+        metrics = evaluate_retrieval(encoder, test, args.images, args.variant, args.steps, model, args.batch_size,
+                                     args.image_batch_size, args.draft_size, **options)
+        metrics.setdefault("seconds", round(time.perf_counter() - start, 3))
+        if len(models) == 1:
+            return _finish(metrics, args.output)
+        write_json(output, metrics)
+        print(f"[{i}/{len(models)}] {label}: precision {metrics['precision']:.4f}, recall {metrics['recall']:.4f}, "
+              f"tau_d {metrics['tau_d']:.4f} ({metrics['seconds']} s) -> {output}", file=sys.stderr)
+        del encoder
+        gc.collect()  # one model in memory at a time
+    table = compare_checkpoints(list(zip([m[0] for m in models], outputs)), Path(args.output) / "comparison.md")
+    print(table.read_text(encoding="utf-8"))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch a parsed command line; returns the exit status."""
     if args.command == "compare":
@@ -210,19 +266,16 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"report written to {written['html']}")
         return 0
+    if args.command == "retrieval":
+        return _retrieval(args)
     if args.command == "wordnet":
         from finetune.evaluation.wordnet import wordnet_files
 
         wordnet_files(args.wordnet_dir)  # fail on missing data before loading the model
-    options = _image_options(args) if args.command in ("retrieval", "retention", "suite") else {}
+    options = _image_options(args) if args.command in ("retention", "suite") else {}
     encoder = _load(args, args.model)
     start = time.perf_counter()
-    if args.command == "retrieval":
-        from finetune.evaluation.retrieval import evaluate_retrieval
-
-        metrics = evaluate_retrieval(encoder, args.test_csv, args.images, args.variant, args.steps, args.model,
-                                     args.batch_size, args.image_batch_size, args.draft_size, **options)
-    elif args.command == "lexical":
+    if args.command == "lexical":
         from finetune.evaluation.lexical import evaluate_lexical
 
         metrics = evaluate_lexical(encoder, args.hyperlex, args.prompt, args.model)
