@@ -17,12 +17,15 @@ Two sets of figures:
 * whole command: wall time of a fresh process each (Python start-up, imports, model load,
   evaluation), `hierarcaps-eval retrieval` against each loop as a script of its own
   (``--loop-only``); and, for scale, a process that only starts, imports and loads the model
-  (``--load-only``), the fixed cost every command pays before evaluating anything.
+  (``--load-only``), the fixed cost every command pays before evaluating anything;
+* with ``--checkpoints N``, a checkpoint series: the model and N-1 text-fine-tuned stand-ins, a
+  released-flow command each against one ``hierarcaps-eval retrieval`` given all N ``--model``.
 
 The metrics of all runs must be identical; the script says so, or exits 1.
 
     python benchmarks/bench_eval.py                      # tiny random CLIP, real test set if present
     python benchmarks/bench_eval.py --rows 200 --backend open-clip
+    python benchmarks/bench_eval.py --no-commands --checkpoints 5         # a series of 5 checkpoints
     python benchmarks/bench_eval.py --model openai/clip-vit-base-patch32   # where the hub is reachable
     python benchmarks/bench_eval.py --backend open-clip --random-arch ViT-B-32   # real-size towers, random weights
 """
@@ -168,6 +171,47 @@ def lean_loop(backend, test: RetrievalSet, images_dir: Path, steps: int) -> dict
     return {**summarize(np.array(precisions), np.array(recalls), tau), "phase_s": phases}
 
 
+def text_fine_tuned(kind: str, model: str, out: Path, seed: int) -> str:
+    """A stand-in for a checkpoint of text-only fine-tuning: ``model`` with its text-tower weights
+    moved by seeded noise and its image tower untouched, saved to ``out``."""
+    backend = load_backend(kind, model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in backend.model.named_parameters():
+            if backend._tower_of(name) == "text":
+                param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
+    return str(backend.save(out))
+
+
+def checkpoint_series(args: argparse.Namespace, model: str, csv: Path, images_dir: Path, tmp: Path, workers: int) -> None:
+    """Time evaluating ``args.checkpoints`` checkpoints (``model``, then text-fine-tuned stand-ins):
+    one released-control-flow command per checkpoint against one ``hierarcaps-eval retrieval``
+    with every checkpoint as a ``--model`` (cold image cache at its start). Exits 1 unless every
+    checkpoint's metrics are identical both ways."""
+    series = [model] + [text_fine_tuned(args.backend, model, tmp / f"step-{k}", k) for k in range(1, args.checkpoints)]
+    loop_seconds, loop_metrics = 0.0, []
+    for checkpoint in series:
+        seconds, metrics = command_seconds([sys.executable, str(Path(__file__).resolve()), "--backend", args.backend,
+                                            "--model", checkpoint, "--steps", str(args.steps), "--device", args.device,
+                                            "--loop-only", "released", str(csv), str(images_dir)])
+        loop_seconds += seconds
+        loop_metrics.append(metrics)
+    out = tmp / "series"
+    ours_seconds = process_seconds(
+        [sys.executable, "-m", "finetune.evaluation.cli", "retrieval", "--backend", args.backend, "--test-csv", str(csv),
+         "--images", str(images_dir), "--steps", str(args.steps), "--device", args.device, "--workers", str(workers),
+         "--image-cache", str(tmp / "series-cache"), "--output", str(out)]
+        + [arg for i, checkpoint in enumerate(series) for arg in ("--model", f"c{i}={checkpoint}")])
+    ours = [json.loads((out / f"c{i}.json").read_text()) for i in range(len(series))]
+    same = all(same_scores(a, b) for a, b in zip(loop_metrics, ours))
+    print(f"\ncheckpoint series ({len(series)} checkpoints: the model, then text-fine-tuned stand-ins): "
+          f"released control flow, a command each: {loop_seconds:.1f} s; one hierarcaps-eval retrieval with "
+          f"{len(series)} --model: {ours_seconds:.1f} s; x{loop_seconds / ours_seconds:.1f}; "
+          f"metrics {'identical (to 1e-12)' if same else 'DIFFERENT'} for every checkpoint")
+    if not same:
+        sys.exit(1)
+
+
 def timed(fn, *args, **kwargs) -> tuple[float, dict]:
     """(seconds, result) of one call."""
     t0 = time.perf_counter()
@@ -191,8 +235,8 @@ def command_seconds(argv: list[str]) -> tuple[float, dict]:
     return seconds, json.loads(done.stdout[done.stdout.index("{"):])
 
 
-def load_seconds(argv: list[str]) -> float:
-    """Wall time of a fresh process running ``argv`` (start-up, imports, model load only)."""
+def process_seconds(argv: list[str]) -> float:
+    """Wall time of a fresh process running ``argv``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, env=env)
@@ -212,6 +256,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="image-decoding workers (default: CPU cores, at most 8)")
     parser.add_argument("--no-commands", action="store_true", help="skip the whole-command (fresh process) timings")
     parser.add_argument("--repeat", type=int, default=1, help="whole-command runs of each kind; the median is shown")
+    parser.add_argument("--checkpoints", type=int, default=0, metavar="N",
+                        help="also time a series of N checkpoints (the model and N-1 text-fine-tuned stand-ins): "
+                             "a released-flow command each against one command with N --model")
     parser.add_argument("--loop-only", nargs=3, metavar=("LOOP", "TEST_CSV", "IMAGES"), help=argparse.SUPPRESS)
     parser.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,7 +316,7 @@ def main() -> None:
                         "--model", model, "--test-csv", str(csv), "--images", str(images_dir), "--steps", str(args.steps),
                         "--device", args.device, "--workers", str(workers), "--image-cache", str(tmp / f"cmd-cache-{r}"),
                         "--output", str(tmp / "m.json")]
-            times["load"].append(load_seconds(loop_cmd + ["--load-only"]))
+            times["load"].append(process_seconds(loop_cmd + ["--load-only"]))
             for loop in ("released", "lean"):
                 seconds, metrics[loop] = command_seconds(loop_cmd + ["--loop-only", loop, str(csv), str(images_dir)])
                 times[loop].append(seconds)
@@ -304,6 +351,8 @@ def main() -> None:
     print(f"metrics {'identical (to 1e-12)' if same else 'DIFFERENT'} across all runs")
     if not same:
         sys.exit(1)
+    if args.checkpoints:
+        checkpoint_series(args, model, csv, images_dir, tmp, workers)
 
 
 if __name__ == "__main__":
