@@ -592,16 +592,16 @@ class ImageFolder:
         metrics are over every row, so a reference cannot simply be skipped.
         """
         found = [self.find(ref) for ref in refs]
-        lost = [ref for ref, location in zip(refs, found) if location is None]
-        failed = Counter(reason for reason in map(self.failure, lost) if reason is not None)
-        missing = [ref for ref in lost if self.failure(ref) is None]
+        lost = {ref: self.failure(ref) for ref, location in zip(refs, found) if location is None}
+        missing = [ref for ref, reason in lost.items() if reason is None]
+        failed = Counter(reason for reason in lost.values() if reason is not None)
         if missing:
             raise MissingImagesError(self._missing_message(missing))
         if failed:
             raise MissingImagesError(
                 f"{sum(failed.values())} of {len(refs)} image reference(s) failed to fetch into {self.folder} "
                 f"({', '.join(f'{reason}: {n}' for reason, n in sorted(failed.items()))}), "
-                f"e.g. {lost[:_EXAMPLES_IN_ERRORS]}; every image is needed: rerun hierarcaps fetch-images "
+                f"e.g. {list(lost)[:_EXAMPLES_IN_ERRORS]}; every image is needed: rerun hierarcaps fetch-images "
                 f"{self._fetch_source()} --output {self.folder} --retry-failed, or pass --images with a folder "
                 "holding all of them"
             )
