@@ -172,3 +172,13 @@ def test_plain_folders_match_by_file_name_or_coco_id(tmp_path):
     assert folder.find("http://x/COCO_val2014_000000000042.jpg") == tmp_path / "000000000042.jpg"
     assert folder.find("http://x/dog_7.png") == tmp_path / "dog_7.png"
     assert folder.find("http://x/cat_7.png") is None and folder.find("notes.txt") is None
+
+
+def test_report_page_embeds_thumbnails_of_tar_members_named_by_reference(folders, tmp_path):
+    from finetune.evaluation.report import qualitative_set, render_html
+
+    qset = qualitative_set(folders["csv"], folders["webdataset"], max_images=2)
+    page = render_html(tmp_path / "page.html", qset, [("m", [["a"], ["b"]])]).read_text()
+    names = [ref.rsplit("/", 1)[-1] for ref in qset.image_refs]
+    assert all(isinstance(m, TarMember) for m in qset.image_paths) and len(names) == 2
+    assert page.count('src="data:image/jpeg;base64,') == 2 and all(f"<code>{n}</code>" in page for n in names)
