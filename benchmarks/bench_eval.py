@@ -48,9 +48,10 @@ from PIL import Image
 from scipy.stats import kendalltau
 
 from finetune.backends import load_backend
-from finetune.evaluation.common import default_workers, open_rgb, text_root
+from finetune.evaluation.common import default_workers, text_root
 from finetune.evaluation.image_cache import ImageEmbeddingCache
-from finetune.evaluation.retrieval import RetrievalSet, evaluate_retrieval, read_test_csv, resolve_image_refs, summarize
+from finetune.evaluation.retrieval import RetrievalSet, evaluate_retrieval, read_test_csv, summarize
+from hierarcaps.images import open_image, resolve_image_refs
 from hierarcaps.tiny_models import build_tiny_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps"
@@ -144,7 +145,7 @@ def lean_loop(backend, test: RetrievalSet, images_dir: Path, steps: int) -> dict
         t1 = time.perf_counter()
         refs = list(dict.fromkeys(test.image_refs))
         paths = resolve_image_refs(refs, images_dir)
-        img_emb = torch.stack([backend.encode_images([open_rgb(p)]).float().cpu()[0] for p in paths])
+        img_emb = torch.stack([backend.encode_images([open_image(p)]).float().cpu()[0] for p in paths])
     t2 = time.perf_counter()
     radii = (row_emb - root).norm(dim=-1)  # (n, 4)
     flat_r = radii.reshape(-1).numpy()

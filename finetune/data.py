@@ -31,7 +31,7 @@ from hierarcaps.formats import (
     BUILD_FINAL, CSV_SUFFIXES, UnfinishedBuildError, find_build_dataset, load_dataset_folder, read_release_csv,
 )
 from hierarcaps.hierarchy import N_TIERS
-from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
+from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map, resolve_image_refs
 from hierarcaps.manifest import MANIFEST
 from hierarcaps.schema import SchemaError, release_layout, release_to_rows
 
@@ -234,15 +234,14 @@ def load_train_data(
     return TrainData(ids, positive, negative, refs, source, texts, index, dropped)
 
 
-def resolve_images(data: TrainData, images_dir: str | Path) -> list[Path]:
-    """The image file of every item: its reference's file name (or COCO id) inside ``images_dir``.
+def resolve_images(data: TrainData, images_dir: str | Path) -> list[ImageLocation]:
+    """The image file of every item: its reference's file name (or COCO id) inside ``images_dir``
+    (:func:`hierarcaps.images.resolve_image_refs`).
 
     Raises :class:`TrainDataError` naming the missing images and the folder.
     """
-    from finetune.evaluation.common import resolve_image_refs
-
     try:
-        return resolve_image_refs(data.image_refs, Path(images_dir))
+        return resolve_image_refs(data.image_refs, images_dir)
     except FileNotFoundError as err:
         raise TrainDataError(f"data.images_dir: {err}") from None
 

@@ -94,7 +94,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("hf-clip", "open-clip", "text"), help="model.backend")
     parser.add_argument("--run-dir", help="run.output_dir: where checkpoints, logs and evaluations go")
     parser.add_argument("--test-csv", help="eval.test_source: curated test CSV (or dataset folder) for before/after")
-    parser.add_argument("--images", help="eval.images_dir: the test images")
+    parser.add_argument("--images", help="eval.images_dir: the test images (a folder of image files or a hierarcaps fetch-images folder)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one fine-tuning setting, e.g. --set loss.name=rcme (repeatable)")
     return parser

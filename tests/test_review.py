@@ -214,6 +214,27 @@ def test_cli_errors_are_one_line_and_status_2(csv_path: Path, tmp_path: Path, ca
     assert "no item has been decided yet" in capsys.readouterr().err
 
 
+def test_an_unfinished_build_is_refused_and_a_finished_one_is_a_build(csv_path: Path, tmp_path: Path, capsys) -> None:
+    """Review reads a build as every command does (hierarcaps.formats.find_build_dataset): same one-line refusal."""
+    from hierarcaps.formats import UnfinishedBuildError, find_build_dataset
+    from hierarcaps.stagedir import SUCCESS
+
+    build = tmp_path / "build"
+    assert main(["convert", str(csv_path), str(build / "final" / "dataset")]) == 0
+    with pytest.raises(UnfinishedBuildError) as unfinished:
+        find_build_dataset(build)
+    capsys.readouterr()
+    for given in (build, build / "final"):
+        assert main(["review", str(given)]) == 2
+        assert capsys.readouterr().err == f"hierarcaps review: error: {unfinished.value}\n"
+    assert not (build / "review").exists()
+    (build / "final" / SUCCESS).touch()
+    for given in (build, build / "final"):
+        source = resolve_source(given, "test")
+        assert (source.kind, source.path, source.build_dir) == ("build", build, build)
+    assert open_review(resolve_source(build, "test"), None, None, 0).path == build / "review" / "test.sqlite"
+
+
 def test_train_items_show_negatives_and_take_contradiction_verdicts(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
     path.write_text(EXPANDED_TEXT, encoding="utf-8")

@@ -43,7 +43,7 @@ def _model_args(p: argparse.ArgumentParser, multiple: bool = False) -> None:
 
 def _test_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-csv", required=True, help="curated test CSV (id,captions,image_url) or a dataset folder")
-    p.add_argument("--images", required=True, help="folder with the test images")
+    p.add_argument("--images", required=True, help="folder with the test images: image files, or a hierarcaps fetch-images folder")
     p.add_argument("--draft-size", type=int, default=None,
                    help="decode JPEGs at reduced scale (>= N px); faster, approximate; default full decode")
     _image_args(p)

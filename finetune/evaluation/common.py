@@ -6,6 +6,8 @@ both L2-normalised and without gradient. Images are opened and encoded chunk by 
 thousand COCO images never sit in memory at full resolution at once; backends that also have
 ``image_pixels`` / ``encode_image_pixels`` get their images decoded in DataLoader workers, and an
 ``image_cache.ImageEmbeddingCache`` skips the images the same image tower has embedded before.
+Images are image files or members of webdataset tar shards (``hierarcaps.images.ImageLocation``),
+found by ``hierarcaps.images.resolve_image_refs`` in a folder of files or a fetch-images folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
@@ -23,13 +24,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 import torch
 from PIL import Image
 
+from hierarcaps.images import IMAGE_SUFFIXES, ImageLocation, open_image
 from hierarcaps.stagedir import follow_umask
 
 if TYPE_CHECKING:
     from finetune.evaluation.image_cache import ImageEmbeddingCache
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_COCO_ID = re.compile(r"_(\d+)\.[A-Za-z]+$")
 
 
 class Encoder(Protocol):
@@ -61,29 +60,18 @@ def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256) 
     return out
 
 
-def open_rgb(path: Path, draft_size: int | None = None) -> Image.Image:
-    """Open an image file as RGB (COCO holds a few greyscale images).
-
-    ``draft_size``: decode a JPEG at the smallest built-in scale (1/2, 1/4, 1/8) that keeps both
-    sides >= ``draft_size`` pixels. Much faster for small model inputs, but the pixels differ
-    slightly from a full decode, so it is off by default (exact released behaviour).
-    """
-    with Image.open(path) as img:
-        if draft_size:
-            img.draft("RGB", (draft_size, draft_size))
-        return img.convert("RGB")
-
-
 def encode_image_files(
     encoder: Encoder,
-    paths: Sequence[Path],
+    paths: Sequence[ImageLocation],
     batch_size: int = 64,
     draft_size: int | None = None,
     workers: int = 0,
     cache: ImageEmbeddingCache | None = None,
     model: str | None = None,
 ) -> torch.Tensor:
-    """Normalised embeddings of the image files, ``batch_size`` at a time: (N, D) float32.
+    """Normalised embeddings of the images (files or tar members), ``batch_size`` at a time: (N, D) float32.
+
+    ``draft_size``: approximate JPEG decoding at a reduced scale (``hierarcaps.images.open_image``).
 
     ``workers`` > 0 decodes and preprocesses in that many DataLoader worker processes while the
     model runs (for backends with ``image_pixels``); ``cache`` reads embeddings computed before by
@@ -101,22 +89,22 @@ def encode_image_files(
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Image files as preprocessed pixels (1, 3, H, W), decoded in DataLoader workers."""
+    """Images (files or tar members) as preprocessed pixels (1, 3, H, W), decoded in DataLoader workers."""
 
-    def __init__(self, paths: Sequence[Path], image_pixels: Any, draft_size: int | None) -> None:
+    def __init__(self, paths: Sequence[ImageLocation], image_pixels: Any, draft_size: int | None) -> None:
         self.paths, self.image_pixels, self.draft_size = list(paths), image_pixels, draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.image_pixels([open_rgb(self.paths[i], self.draft_size)])
+        return self.image_pixels([open_image(self.paths[i], self.draft_size)])
 
 
 def _encode_files(
-    encoder: Encoder, paths: Sequence[Path], batch_size: int, draft_size: int | None, workers: int
+    encoder: Encoder, paths: Sequence[ImageLocation], batch_size: int, draft_size: int | None, workers: int
 ) -> torch.Tensor:
-    """Embed image files: in this process chunk by chunk, or with DataLoader workers."""
+    """Embed images: in this process chunk by chunk, or with DataLoader workers."""
     chunks = []
     if workers > 0 and hasattr(encoder, "image_pixels"):
         loader = torch.utils.data.DataLoader(
@@ -129,7 +117,7 @@ def _encode_files(
             chunks.append(encoder.encode_image_pixels(pixels).float().cpu())
     else:
         for start in range(0, len(paths), batch_size):
-            images = [open_rgb(p, draft_size) for p in paths[start : start + batch_size]]
+            images = [open_image(p, draft_size) for p in paths[start : start + batch_size]]
             chunks.append(encoder.encode_images(images, batch_size=batch_size).float().cpu())
     return torch.cat(chunks)
 
@@ -142,40 +130,6 @@ def default_workers() -> int:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def resolve_image_refs(image_refs: Sequence[str], images_dir: Path) -> list[Path]:
-    """Map each image reference (a URL, a file name or a path) to a file in ``images_dir``.
-
-    A reference matches a file with the same base name or, for COCO, the same numeric image id
-    (as the released evaluator matches them). Raises ``FileNotFoundError`` naming the missing ones.
-    """
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"images folder {images_dir} does not exist; pass --images with the test images")
-    files = list_images(images_dir)
-    by_name = {p.name: p for p in files}
-    by_id = {}
-    for p in files:
-        m = _COCO_ID.search(p.name)
-        if m:
-            by_id[int(m.group(1))] = p
-    resolved, missing = [], []
-    for ref in image_refs:
-        name = ref.rstrip("/").rsplit("/", 1)[-1]
-        m = _COCO_ID.search(name)
-        path = by_name.get(name) or (by_id.get(int(m.group(1))) if m else None)
-        if path is None and Path(ref).is_file():
-            path = Path(ref)
-        if path is None:
-            missing.append(ref)
-        resolved.append(path)
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} image reference(s) have no file in {images_dir}, e.g. {missing[:3]}; "
-            "download those images into that folder (file names as in the URLs)"
-        )
-    return resolved
 
 
 def file_sha256(path: Path) -> str:

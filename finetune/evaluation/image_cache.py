@@ -12,10 +12,16 @@ any of them, or to an image file's bytes, is a miss. ``tower.json`` beside the e
 model the key was made from and the embedding size D, for whoever cleans the folder. Entries are written to a temporary file
 and renamed, so an interrupted run leaves no partial entry; an unreadable entry is recomputed.
 
+An image inside a webdataset tar shard of a fetch-images folder (``hierarcaps.images.TarMember``) is
+keyed by the sha256 of its member's bytes, the stored image file (the mapping's own ``sha256`` column
+is img2dataset's hash of the bytes as downloaded, before resizing, so it cannot serve); the same
+image stored as a file or as a member is one entry.
+
 Hashing a thousand JPEGs costs more than reading their cached embeddings, so ``file-sha256.json`` in
 the cache folder remembers each image file's sha256 under its absolute path, size, modification
 time and status-change time (``st_ctime_ns``, which every write updates and no tool can set back);
-a file whose stat differs in any of them is hashed again. A file changed less than
+a file whose stat differs in any of them is hashed again. A tar member is remembered under its
+shard's absolute path, offset and size, with the shard's stat. A file changed less than
 ``RACY_SECONDS`` before it was hashed is not remembered, so that a second write within one tick
 of a coarse file-system clock cannot hide behind an unchanged stat.
 
@@ -40,6 +46,7 @@ import numpy as np
 import torch
 
 from finetune.evaluation.common import file_sha256
+from hierarcaps.images import ImageLocation, TarMember, read_tar_member
 
 
 def default_cache_dir() -> Path:
@@ -55,15 +62,29 @@ HASHES_FILE = "file-sha256.json"
 RACY_SECONDS = 2.0
 
 
-def file_digests(paths: Sequence[Path], threads: int = 4) -> list[str]:
-    """Content sha256 of each file, hashed in parallel threads (hashlib releases the GIL)."""
+def image_sha256(location: ImageLocation) -> str:
+    """Hex sha256 of an image file's bytes, or of a tar member's (the image file stored in the shard)."""
+    if isinstance(location, TarMember):
+        return hashlib.sha256(read_tar_member(location)).hexdigest()
+    return file_sha256(location)
+
+
+def file_digests(paths: Sequence[ImageLocation], threads: int = 4) -> list[str]:
+    """Content sha256 of each image, hashed in parallel threads (hashlib releases the GIL)."""
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        return list(pool.map(file_sha256, paths))
+        return list(pool.map(image_sha256, paths))
 
 
-def _stat_key(path: Path) -> list[int]:
-    """What must be unchanged for a remembered file hash to hold: size, mtime and ctime (ns)."""
-    st = os.stat(path)
+def _memo_name(location: ImageLocation) -> str:
+    """The name an image's hash is remembered under: the file's absolute path, or the shard's plus offset and size."""
+    if isinstance(location, TarMember):
+        return f"{os.path.abspath(location.tar)}@{location.offset}+{location.size}"
+    return os.path.abspath(location)
+
+
+def _stat_key(location: ImageLocation) -> list[int]:
+    """What must be unchanged for a remembered hash to hold: size, mtime and ctime (ns) of the file (or shard)."""
+    st = os.stat(location.tar if isinstance(location, TarMember) else location)
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
@@ -89,17 +110,17 @@ class ImageEmbeddingCache:
         self.misses = 0
         self.hashed = 0
 
-    def file_digests(self, paths: Sequence[Path]) -> list[str]:
-        """Content sha256 of each image file: remembered in ``file-sha256.json`` while the file's
-        size, mtime and ctime are unchanged, else hashed (``hashed`` counts these) and remembered."""
+    def file_digests(self, paths: Sequence[ImageLocation]) -> list[str]:
+        """Content sha256 of each image (file or tar member): remembered in ``file-sha256.json`` while the
+        file's (shard's) size, mtime and ctime are unchanged, else hashed (``hashed`` counts these) and remembered."""
         memo_path = self.directory / HASHES_FILE
         try:
             memo = json.loads(memo_path.read_text())
             memo = memo if isinstance(memo, dict) else {}
         except (OSError, ValueError):
             memo = {}
-        names = [os.path.abspath(p) for p in paths]
-        stats = [_stat_key(Path(p)) for p in paths]
+        names = [_memo_name(p) for p in paths]
+        stats = [_stat_key(p) for p in paths]
         digests: list[str | None] = []
         for name, stat in zip(names, stats):
             known = memo.get(name)
@@ -180,21 +201,21 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def cached_image_embeddings(
     encoder: Any,
-    paths: Sequence[Path],
+    paths: Sequence[ImageLocation],
     cache: ImageEmbeddingCache,
     encode: Any,
     draft_size: int | None = None,
     model: str | None = None,
 ) -> torch.Tensor:
-    """Embeddings (N, D) float32 of the image files: cached ones read, the rest computed by
-    ``encode(paths) -> (n, D)`` and stored. Files with the same bytes are embedded once."""
+    """Embeddings (N, D) float32 of the images (files or tar members): cached ones read, the rest
+    computed by ``encode(paths) -> (n, D)`` and stored. Images with the same bytes are embedded once."""
     tower = cache.tower_key(encoder, draft_size)
     digests = cache.file_digests(paths)
     unique = list(dict.fromkeys(digests))
     found = dict(zip(unique, cache.load(tower, unique)))
     missing = [d for d in unique if found[d] is None]
     if missing:
-        first_path = {d: p for p, d in zip(reversed(paths), reversed(digests))}  # first file of each digest
+        first_path = {d: p for p, d in zip(reversed(paths), reversed(digests))}  # first image of each digest
         computed = encode([first_path[d] for d in missing]).float().cpu()
         cache.store(tower, missing, computed.numpy(), model)
         found.update(zip(missing, computed.numpy()))

@@ -23,15 +23,16 @@ import base64
 import html
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, open_rgb, resolve_image_refs, text_root, write_atomic
+from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, text_root, write_atomic
 from finetune.evaluation.image_cache import ImageEmbeddingCache
+from hierarcaps.images import ImageLocation, open_image, resolve_image_refs
 from finetune.evaluation.retrieval import (
     RetrievalRun,
     global_thresholds,
@@ -52,9 +53,10 @@ THUMBNAIL_PX = 224
 class QualitativeSet:
     """Images to show, their ground-truth chains, and the candidate texts to retrieve from."""
 
-    image_paths: list[Path]
+    image_paths: list[ImageLocation]  # image files, or members of fetch-images tar shards
     ground_truth: list[list[tuple[str, ...]]]  # per image: every reference chain
     candidates: list[str]
+    image_refs: list[str] = field(default_factory=list)  # per image: its reference (names a tar member)
 
 
 def qualitative_set(
@@ -65,11 +67,11 @@ def qualitative_set(
     test = load_test_set(test_rows)
     cand = index_test_set(test)
     n = len(cand.images) if max_images is None else min(max_images, len(cand.images))
-    paths = resolve_image_refs(cand.images[:n], Path(images_dir))
+    paths = resolve_image_refs(cand.images[:n], images_dir)
     truth = [[test.chains[r] for r in np.nonzero(cand.row_image == i)[0]] for i in range(n)]
     source = read_test_csv(Path(candidates_csv)) if candidates_csv is not None else test
     texts = list(dict.fromkeys(t for chain in source.chains for t in chain))
-    return QualitativeSet(paths, truth, texts)
+    return QualitativeSet(paths, truth, texts, cand.images[:n])
 
 
 def qualitative_chains(
@@ -95,15 +97,21 @@ def qualitative_chains(
     return chains
 
 
-def _thumbnail_src(path: Path, html_dir: Path, embed: bool) -> str:
-    """An <img> src: a relative path from the page, or an embedded JPEG thumbnail."""
-    if not embed:
-        return Path(os.path.relpath(path.resolve(), html_dir.resolve())).as_posix()
-    img = open_rgb(path)
+def _thumbnail_src(location: ImageLocation, html_dir: Path, embed: bool) -> str:
+    """An <img> src: a relative path from the page, or an embedded JPEG thumbnail (always for an
+    image inside a tar shard, which a page cannot link to)."""
+    if not embed and isinstance(location, Path):
+        return Path(os.path.relpath(location.resolve(), html_dir.resolve())).as_posix()
+    img = open_image(location)
     img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_name(location: ImageLocation, ref: str) -> str:
+    """The name shown under a thumbnail: the file's name, or the reference's base name for a tar member."""
+    return location.name if isinstance(location, Path) else ref.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _chain_html(chain: Sequence[str], truth: set[str] | None = None) -> str:
@@ -158,12 +166,12 @@ def render_html(
     html_dir.mkdir(parents=True, exist_ok=True)
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in predictions)
     rows = []
-    for i, path in enumerate(qset.image_paths):
+    for i, location in enumerate(qset.image_paths):
         truth = {t for chain in qset.ground_truth[i] for t in chain}
         gt = "".join(_chain_html(chain) for chain in qset.ground_truth[i])
         cells = "".join(f"<td>{_chain_html(chains[i], truth)}</td>" for _, chains in predictions)
-        src = html.escape(_thumbnail_src(path, html_dir, embed_images), quote=True)
-        name = html.escape(path.name)
+        src = html.escape(_thumbnail_src(location, html_dir, embed_images), quote=True)
+        name = html.escape(_image_name(location, qset.image_refs[i] if qset.image_refs else ""))
         rows.append(
             f'<tr id="img-{i}"><td><img class="thumb" src="{src}" alt="{name}"><br><code>{name}</code></td>'
             f"<td>{gt}</td>{cells}</tr>"

@@ -27,10 +27,10 @@ from finetune.evaluation.common import (
     encode_texts,
     list_images,
     package_versions,
-    resolve_image_refs,
 )
 from finetune.evaluation.retrieval import index_test_set, load_test_set
 from finetune.geometry import normalize
+from hierarcaps.images import resolve_image_refs
 
 # CLIP's prompt ensemble for CIFAR-10/100 (Radford et al. 2021, released notebook).
 CIFAR_TEMPLATES = (
@@ -75,7 +75,7 @@ def text_to_image_retrieval(
     """
     test = load_test_set(test_rows)
     cand = index_test_set(test)
-    paths = resolve_image_refs(cand.images, Path(images_dir))
+    paths = resolve_image_refs(cand.images, images_dir)
     with torch.no_grad():
         queries = encode_texts(encoder, [chain[-1] for chain in test.chains])
         gallery = encode_image_files(encoder, paths, draft_size=draft_size, workers=workers, cache=image_cache,

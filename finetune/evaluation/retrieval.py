@@ -44,13 +44,13 @@ from finetune.evaluation.common import (
     encode_texts,
     file_sha256,
     package_versions,
-    resolve_image_refs,
     text_root,
 )
 from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.geometry import radius
 from hierarcaps.formats import load_dataset_folder, read_release_columns
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
+from hierarcaps.images import ImageLocation, resolve_image_refs
 
 Variant = Literal["released", "paper"]
 VARIANTS = ("released", "paper")
@@ -297,7 +297,7 @@ class RetrievalRun:
     text_emb: torch.Tensor  # (T, D) normalised
     image_emb: torch.Tensor  # (I, D) normalised
     root: torch.Tensor  # (D,)
-    image_paths: list[Path] = field(default_factory=list)
+    image_paths: list[ImageLocation] = field(default_factory=list)
     draft_size: int | None = None
     image_cache: dict[str, Any] | None = None  # cache folder, hits, misses (None: no cache)
 
@@ -370,13 +370,13 @@ def run_retrieval(
 ) -> RetrievalRun:
     """Embed a test set in batches and run hierarchical retrieval (see :func:`retrieve`).
 
-    ``draft_size``: fast approximate JPEG decoding (see ``common.open_rgb``); None decodes fully.
+    ``draft_size``: fast approximate JPEG decoding (see ``hierarcaps.images.open_image``); None decodes fully.
     ``workers``: image-decoding processes (0: in this process); ``image_cache``: reuse the image
     embeddings of an identical image tower (see ``image_cache``).
     """
     test = load_test_set(test_rows)
     cand = index_test_set(test)
-    paths = resolve_image_refs(cand.images, Path(images_dir))
+    paths = resolve_image_refs(cand.images, images_dir)
     hits, misses = (image_cache.hits, image_cache.misses) if image_cache is not None else (0, 0)
     with torch.no_grad():
         root = text_root(encoder)
@@ -430,7 +430,7 @@ def evaluate_retrieval(
     """HierarCaps hierarchical retrieval metrics of ``backend`` on ``test_rows``.
 
     ``test_rows``: a release CSV path, a saved dataset folder, a ``DatasetDict`` (its ``test``
-    split), a ``Dataset`` or a :class:`RetrievalSet`; ``images_dir``: folder with the test images;
+    split), a ``Dataset`` or a :class:`RetrievalSet`; ``images_dir``: folder with the test images (image files, or a ``hierarcaps fetch-images`` folder);
     ``workers``, ``image_cache``: as in :func:`run_retrieval`.
     Returns the metrics dict (``precision``, ``recall``, ``f1``, ``tau_d``, variant, model,
     backend, test hash, counts, image-cache hits, package versions).

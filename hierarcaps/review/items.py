@@ -6,31 +6,32 @@
 ``BUILD/review/<split>.sqlite`` for a build, ``<folder>.review-<split>.sqlite`` beside a dataset
 folder or CSV.
 
-Images: when ``--images DIR`` was written by ``hierarcaps fetch-images`` (it holds the mapping
-``images.parquet``: image_ref, status, path relative to DIR, and offset/size for images inside a
-webdataset tar shard), a reference is shown from its mapped file or tar member, and a failed
+An unfinished build (its final stage has no ``_SUCCESS``) is refused, as every other command does.
+
+Images are found as evaluation finds them (:class:`hierarcaps.images.ImageFolder`): when
+``--images DIR`` was written by ``hierarcaps fetch-images`` (it holds the mapping
+``images.parquet``), a reference is shown from its mapped file or tar member, and a failed
 fetch is reported with its reason. In any other folder a reference is shown from the file with
 its base name or the same COCO image id (the layout of the authors' ``test_imgs``). A reference
-that is itself a local file path is shown as is. Otherwise the page says the image is not
-available locally.
+that is itself a local image path (relative to the source's folder) is shown as is. Otherwise
+the page says the image is not available locally.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hierarcaps.formats import is_release_csv_path, load_dataset_folder, read_release_csv
-from hierarcaps.images import OK, FetchError, ImageLocation, is_fetched_folder, load_image_map
+from hierarcaps.formats import (
+    BUILD_FINAL, UnfinishedBuildError, find_build_dataset, is_release_csv_path, load_dataset_folder, read_release_csv,
+)
+from hierarcaps.images import FetchError, ImageFolder, ImageLocation, local_image
 from hierarcaps.review.store import ReviewError, ReviewStore
 from hierarcaps.schema import SchemaError, release_to_rows
 
-FINAL_DATASET = Path("final") / "dataset"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-_COCO_ID = re.compile(r"COCO_[a-z0-9]+_0*(\d+)\.", re.IGNORECASE)
+FINAL_DATASET = Path(BUILD_FINAL) / "dataset"
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,17 @@ class ReviewSource:
 
 
 def resolve_source(path: str | Path, split: str) -> ReviewSource:
-    """Classify ``path`` as a build folder, a dataset folder or a release CSV; raise on anything else."""
+    """Classify ``path`` as a build folder (``OUT`` or ``OUT/final``), a dataset folder or a release CSV;
+    raise on anything else, and on an unfinished build."""
     path = Path(path)
-    if path.is_dir() and (path / FINAL_DATASET).is_dir():
-        return ReviewSource(path, "build", split)
+    try:
+        dataset = find_build_dataset(path) if path.is_dir() else None
+    except UnfinishedBuildError as err:
+        raise ReviewError(str(err)) from None
+    if dataset is not None and dataset.parent.name == BUILD_FINAL:
+        return ReviewSource(dataset.parent.parent, "build", split)
+    if dataset is not None:
+        return ReviewSource(dataset, "dataset", split)
     if path.is_dir():
         return ReviewSource(path, "dataset", split)
     if path.is_file() and is_release_csv_path(path):
@@ -90,56 +98,31 @@ def sample_positions(n_rows: int, sample: int | None, seed: int) -> list[int]:
 
 
 class ImageIndex:
-    """Maps image references to local files (see the module docstring for the rules)."""
+    """Maps image references to local images: through ``images_dir`` (:class:`hierarcaps.images.ImageFolder`)
+    when given, else only references that are local image paths (relative to ``base_dir``)."""
 
     def __init__(self, images_dir: Path | None, base_dir: Path | None = None):
-        self.by_name: dict[str, Path] = {}
-        self.by_coco_id: dict[int, Path] = {}
-        self.fetched: dict[str, ImageLocation | str] = {}  # image_ref -> location, or the failure reason
         self.base_dir = base_dir
+        self.folder: ImageFolder | None = None
         if images_dir is None:
             return
-        images_dir = Path(images_dir)
-        if not images_dir.is_dir():
+        if not Path(images_dir).is_dir():
             raise ReviewError(f"--images {images_dir}: no such folder")
-        if is_fetched_folder(images_dir):
-            try:
-                mapping = load_image_map(images_dir)
-            except FetchError as err:
-                raise ReviewError(str(err)) from None
-            self.fetched = {ref: image.location if image.status == OK else image.status for ref, image in mapping.items()}
-            return
-        for path in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            self.by_name.setdefault(path.name, path)
-            match = _COCO_ID.search(path.name)
-            if match:
-                self.by_coco_id.setdefault(int(match.group(1)), path)
+        try:
+            self.folder = ImageFolder(images_dir, base_dir)
+        except FetchError as err:
+            raise ReviewError(str(err)) from None
 
     def missing_reason(self, ref: str) -> str:
         """Why a reference has no local image (for the page)."""
-        reason = self.fetched.get(ref)
-        if isinstance(reason, str):
+        reason = self.folder.failure(ref) if self.folder is not None else None
+        if reason is not None:
             return f"fetch-images could not fetch it ({reason})"
         return "not available locally (pass --images DIR)"
 
     def find(self, ref: str) -> ImageLocation | None:
         """The local file (or tar member) of an image reference, or ``None``."""
-        if ref in self.fetched:
-            found = self.fetched[ref]
-            return None if isinstance(found, str) else found
-        name = ref.rstrip("/").rsplit("/", 1)[-1]
-        if name in self.by_name:
-            return self.by_name[name]
-        match = _COCO_ID.search(name)
-        if match and int(match.group(1)) in self.by_coco_id:
-            return self.by_coco_id[int(match.group(1))]
-        if "://" not in ref and ref:
-            path = Path(ref)
-            if not path.is_absolute() and self.base_dir is not None:
-                path = self.base_dir / path
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                return path
-        return None
+        return self.folder.find(ref) if self.folder is not None else local_image(ref, self.base_dir)
 
 
 def open_review(source: ReviewSource, db: Path | None, sample: int | None, seed: int) -> ReviewStore:
