@@ -51,7 +51,7 @@ from finetune.backends import load_backend
 from finetune.evaluation.common import default_workers, text_root
 from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.evaluation.retrieval import RetrievalSet, evaluate_retrieval, read_test_csv, summarize
-from hierarcaps.images import open_image, resolve_image_refs
+from hierarcaps.image_folder import open_image, resolve_image_refs
 from hierarcaps.tiny_models import build_tiny_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps"

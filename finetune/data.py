@@ -31,7 +31,15 @@ from hierarcaps.formats import (
     BUILD_FINAL, CSV_SUFFIXES, UnfinishedBuildError, find_build_dataset, load_dataset_folder, read_release_csv,
 )
 from hierarcaps.hierarchy import N_TIERS
-from hierarcaps.images import MAPPING_FILE, OK, FetchError, ImageLocation, is_fetched_folder, load_image_map, resolve_image_refs
+from hierarcaps.image_folder import (
+    MAPPING_FILE,
+    OK,
+    FetchError,
+    ImageLocation,
+    is_fetched_folder,
+    load_image_map,
+    resolve_image_refs,
+)
 from hierarcaps.manifest import MANIFEST
 from hierarcaps.schema import SchemaError, release_layout, release_to_rows
 
@@ -236,7 +244,7 @@ def load_train_data(
 
 def resolve_images(data: TrainData, images_dir: str | Path) -> list[ImageLocation]:
     """The image file of every item: its reference's file name (or COCO id) inside ``images_dir``
-    (:func:`hierarcaps.images.resolve_image_refs`).
+    (:func:`hierarcaps.image_folder.resolve_image_refs`).
 
     Raises :class:`TrainDataError` naming the missing images and the folder.
     """

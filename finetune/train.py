@@ -60,7 +60,7 @@ from finetune.data import TrainData, images_for_training
 from finetune.geometry import normalize
 from finetune.losses import ec_loss, level_contrastive_loss, rcme_loss, re_loss
 from finetune.taxonomy_data import TaxonomyTrainData, load_settings_data, taxonomy_image_paths
-from hierarcaps.images import ImageLocation, open_image
+from hierarcaps.image_folder import ImageLocation, open_image
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings that fix the sequence of batches and updates; resuming with other values is refused.

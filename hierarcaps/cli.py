@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 from hierarcaps.formats import convert
-from hierarcaps.images import OUTPUT_FORMATS, RESIZE_MODES, FetchError, FetchSettings, fetch_images
+from hierarcaps.images import OUTPUT_FORMATS, RESIZE_MODES, FetchSettings, fetch_images
+from hierarcaps.image_folder import FetchError
 from hierarcaps.schema import RELEASE_LAYOUTS, SchemaError
 from hierarcaps.tiny_models import KINDS, build_tiny_model
 

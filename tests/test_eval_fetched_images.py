@@ -25,7 +25,7 @@ import pytest
 
 from finetune.evaluation.cli import main as eval_main
 from hierarcaps.cli import main as hierarcaps_main
-from hierarcaps.images import (
+from hierarcaps.image_folder import (
     ImageFolder,
     MissingImagesError,
     TarMember,

@@ -35,15 +35,8 @@ from finetune.cli import main as finetune_main
 from finetune.data import images_for_training, load_train_data
 from hierarcaps.cli import main as hierarcaps_main
 from hierarcaps.formats import convert
-from hierarcaps.images import (
-    FetchError,
-    FetchSettings,
-    TarMember,
-    fetch_images,
-    load_image_map,
-    open_image,
-    read_image_refs,
-)
+from hierarcaps.images import FetchSettings, fetch_images, read_image_refs
+from hierarcaps.image_folder import FetchError, TarMember, load_image_map, open_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps"
 EXPANDED = DATA / "hierarcaps_test_expanded.csv.gz"

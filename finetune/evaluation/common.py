@@ -6,8 +6,8 @@ both L2-normalised and without gradient. Images are opened and encoded chunk by 
 thousand COCO images never sit in memory at full resolution at once; backends that also have
 ``image_pixels`` / ``encode_image_pixels`` get their images decoded in DataLoader workers, and an
 ``image_cache.ImageEmbeddingCache`` skips the images the same image tower has embedded before.
-Images are image files or members of webdataset tar shards (``hierarcaps.images.ImageLocation``),
-found by ``hierarcaps.images.resolve_image_refs`` in a folder of files or a fetch-images folder.
+Images are image files or members of webdataset tar shards (``hierarcaps.image_folder.ImageLocation``),
+found by ``hierarcaps.image_folder.resolve_image_refs`` in a folder of files or a fetch-images folder.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 import torch
 from PIL import Image
 
-from hierarcaps.images import IMAGE_SUFFIXES, ImageLocation, open_image
+from hierarcaps.image_folder import IMAGE_SUFFIXES, ImageLocation, open_image
 from hierarcaps.stagedir import follow_umask
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def encode_image_files(
 ) -> torch.Tensor:
     """Normalised embeddings of the images (files or tar members), ``batch_size`` at a time: (N, D) float32.
 
-    ``draft_size``: approximate JPEG decoding at a reduced scale (``hierarcaps.images.open_image``).
+    ``draft_size``: approximate JPEG decoding at a reduced scale (``hierarcaps.image_folder.open_image``).
 
     ``workers`` > 0 decodes and preprocesses in that many DataLoader worker processes while the
     model runs (for backends with ``image_pixels``); ``cache`` reads embeddings computed before by

@@ -12,7 +12,7 @@ any of them, or to an image file's bytes, is a miss. ``tower.json`` beside the e
 model the key was made from and the embedding size D, for whoever cleans the folder. Entries are written to a temporary file
 and renamed, so an interrupted run leaves no partial entry; an unreadable entry is recomputed.
 
-An image inside a webdataset tar shard of a fetch-images folder (``hierarcaps.images.TarMember``) is
+An image inside a webdataset tar shard of a fetch-images folder (``hierarcaps.image_folder.TarMember``) is
 keyed by the sha256 of its member's bytes, the stored image file (the mapping's own ``sha256`` column
 is img2dataset's hash of the bytes as downloaded, before resizing, so it cannot serve); the same
 image stored as a file or as a member is one entry.
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from finetune.evaluation.common import file_sha256
-from hierarcaps.images import ImageLocation, TarMember, read_tar_member
+from hierarcaps.image_folder import ImageLocation, TarMember, read_tar_member
 
 
 def default_cache_dir() -> Path:

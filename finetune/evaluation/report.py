@@ -32,7 +32,7 @@ import torch
 
 from finetune.evaluation.common import Encoder, encode_image_files, encode_texts, text_root, write_atomic
 from finetune.evaluation.image_cache import ImageEmbeddingCache
-from hierarcaps.images import ImageLocation, open_image, resolve_image_refs
+from hierarcaps.image_folder import ImageLocation, open_image, resolve_image_refs
 from finetune.evaluation.retrieval import (
     RetrievalRun,
     global_thresholds,

@@ -30,7 +30,7 @@ from finetune.evaluation.common import (
 )
 from finetune.evaluation.retrieval import index_test_set, load_test_set
 from finetune.geometry import normalize
-from hierarcaps.images import resolve_image_refs
+from hierarcaps.image_folder import resolve_image_refs
 
 # CLIP's prompt ensemble for CIFAR-10/100 (Radford et al. 2021, released notebook).
 CIFAR_TEMPLATES = (

@@ -50,7 +50,7 @@ from finetune.evaluation.image_cache import ImageEmbeddingCache
 from finetune.geometry import radius
 from hierarcaps.formats import load_dataset_folder, read_release_columns
 from hierarcaps.hierarchy import N_TIERS, RELEASE_DELIMITER
-from hierarcaps.images import ImageLocation, resolve_image_refs
+from hierarcaps.image_folder import ImageLocation, resolve_image_refs
 
 Variant = Literal["released", "paper"]
 VARIANTS = ("released", "paper")
@@ -370,7 +370,7 @@ def run_retrieval(
 ) -> RetrievalRun:
     """Embed a test set in batches and run hierarchical retrieval (see :func:`retrieve`).
 
-    ``draft_size``: fast approximate JPEG decoding (see ``hierarcaps.images.open_image``); None decodes fully.
+    ``draft_size``: fast approximate JPEG decoding (see ``hierarcaps.image_folder.open_image``); None decodes fully.
     ``workers``: image-decoding processes (0: in this process); ``image_cache``: reuse the image
     embeddings of an identical image tower (see ``image_cache``).
     """

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from hierarcaps.images import TarMember, read_tar_member
+from hierarcaps.image_folder import TarMember, read_tar_member
 from hierarcaps.review.items import ImageIndex
 from hierarcaps.review.store import ItemState, ReviewError, ReviewStore, UnknownItemError
 

@@ -8,7 +8,7 @@ folder or CSV.
 
 An unfinished build (its final stage has no ``_SUCCESS``) is refused, as every other command does.
 
-Images are found as evaluation finds them (:class:`hierarcaps.images.ImageFolder`): when
+Images are found as evaluation finds them (:class:`hierarcaps.image_folder.ImageFolder`): when
 ``--images DIR`` was written by ``hierarcaps fetch-images`` (it holds the mapping
 ``images.parquet``), a reference is shown from its mapped file or tar member, and a failed
 fetch is reported with its reason. In any other folder a reference is shown from the file with
@@ -27,7 +27,7 @@ from typing import Any
 from hierarcaps.formats import (
     BUILD_FINAL, UnfinishedBuildError, find_build_dataset, is_release_csv_path, load_dataset_folder, read_release_csv,
 )
-from hierarcaps.images import FetchError, ImageFolder, ImageLocation, local_image
+from hierarcaps.image_folder import FetchError, ImageFolder, ImageLocation, local_image
 from hierarcaps.review.store import ReviewError, ReviewStore
 from hierarcaps.schema import SchemaError, release_to_rows
 
@@ -98,7 +98,7 @@ def sample_positions(n_rows: int, sample: int | None, seed: int) -> list[int]:
 
 
 class ImageIndex:
-    """Maps image references to local images: through ``images_dir`` (:class:`hierarcaps.images.ImageFolder`)
+    """Maps image references to local images: through ``images_dir`` (:class:`hierarcaps.image_folder.ImageFolder`)
     when given, else only references that are local image paths (relative to ``base_dir``)."""
 
     def __init__(self, images_dir: Path | None, base_dir: Path | None = None):
