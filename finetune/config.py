@@ -158,7 +158,7 @@ class EvalSettings:
     wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet (hypernymy ordering)
     taxonomy_table: str = ""  # a taxonomy table of test images (read with the taxonomy.* settings)
     taxonomy_images: str = ""  # the folder its image column is relative to
-    batch_size: int = 256
+    batch_size: int | None = None  # texts per model call; None: 256 on a GPU, 64 on the CPU
     image_cache: str = ""  # image-embedding cache folder; empty: <run.output_dir>/eval/image-cache
 
 
@@ -227,6 +227,7 @@ def validate(settings: FinetuneSettings) -> None:
         "optim.batch_size": settings.optim.batch_size,
         "optim.max_steps": settings.optim.max_steps,
         "data.max_items": settings.data.max_items,
+        "eval.batch_size": settings.eval.batch_size,
     }
     for key, value in positive.items():
         if value is not None and value < 1:

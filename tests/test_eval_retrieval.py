@@ -416,3 +416,27 @@ def test_console_command_exits_fast_without_losing_output(tmp_path):
     argv[-3] = f"after={tmp_path / 'missing.json'}"
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and "missing.json" in done.stderr
+
+
+def test_text_batches_default_to_the_device(tiny_hf_clip_dir, monkeypatch):
+    """Without a batch size, texts go 64 per call on the CPU (big batches of long texts run slower
+    there) and 256 on a GPU; an explicit size always wins; the embeddings do not depend on it."""
+    from finetune.backends import HFClipBackend, load_backend
+    from finetune.evaluation.common import encode_texts, text_batch_size
+
+    backend = load_backend("hf-clip", tiny_hf_clip_dir)
+    assert text_batch_size(backend) == 64 and text_batch_size(backend, 7) == 7
+    monkeypatch.setattr(backend, "device", torch.device("cuda"))
+    assert text_batch_size(backend) == 256
+    monkeypatch.undo()
+
+    calls: list[int] = []
+    original = HFClipBackend.encode_tokens
+    monkeypatch.setattr(HFClipBackend, "encode_tokens", lambda self, tok: calls.append(len(tok["input_ids"])) or original(self, tok))
+    texts = [f"a photo of {i} goats on an island" for i in range(150)]
+    auto = encode_texts(backend, texts)
+    assert calls == [64, 64, 22]
+    calls.clear()
+    explicit = encode_texts(backend, texts, batch_size=150)
+    assert calls == [150]
+    torch.testing.assert_close(auto, explicit, rtol=0, atol=1e-6)

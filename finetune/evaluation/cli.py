@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=("released", "paper"), default="released",
                    help="released evaluator (global thresholds; default) or the paper's text (per-image thresholds)")
     p.add_argument("--steps", type=int, default=50, help="number of radius thresholds")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per model call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="texts per model call (default: 256 on a GPU, 64 on the CPU, where big batches run slower)")
     p.add_argument("--image-batch-size", type=int, default=64, help="images per model call")
     p.add_argument("--output", required=True,
                    help="metrics JSON to write; with several --model, a folder: LABEL.json each, then comparison.md")
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the chain sample and the shuffled pairs")
     p.add_argument("--include-instances", action="store_true", help="also sample instances (Paris, Einstein) as leaves")
     p.add_argument("--prompt", default="a picture of a {}")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per model call")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="texts per model call (default: 256 on a GPU, 64 on the CPU, where big batches run slower)")
     p.add_argument("--output", required=True)
 
     p = sub.add_parser("retention", help="text-to-image R@1/5/10 on the HierarCaps test images")

@@ -46,15 +46,32 @@ def text_root(encoder: Encoder) -> torch.Tensor:
     return encoder.encode_text([""])[0].float().cpu()
 
 
-def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+# Texts per model call when none is asked for. A GPU runs big batches best; on the CPU a batch of
+# 256 long texts runs about a quarter slower than batches of 16 to 64 (open_clip ViT-B/32, which
+# pads every text to 77 tokens: 256 texts in 45 s at 256, 32 s at 64, 30 s at 16, one thread).
+GPU_TEXT_BATCH = 256
+CPU_TEXT_BATCH = 64
+
+
+def text_batch_size(encoder: Encoder, requested: int | None = None) -> int:
+    """``requested``, or the default for the encoder's device: 64 on the CPU, else 256."""
+    if requested is not None:
+        return requested
+    device = getattr(encoder, "device", None)
+    return CPU_TEXT_BATCH if device is None or torch.device(device).type == "cpu" else GPU_TEXT_BATCH
+
+
+def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
     """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU, in input order.
+
+    ``batch_size``: texts per model call (None: :func:`text_batch_size`'s default for the device).
 
     Texts are encoded in order of length, so each batch pads to about its own texts' length
     (test sets mix two-word tiers with long captions; unsorted, most batches pad to the longest).
     """
     texts = list(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    emb = encoder.encode_text([texts[i] for i in order], batch_size=batch_size).float().cpu()
+    emb = encoder.encode_text([texts[i] for i in order], batch_size=text_batch_size(encoder, batch_size)).float().cpu()
     out = torch.empty_like(emb)
     out[torch.as_tensor(order, dtype=torch.long)] = emb
     return out

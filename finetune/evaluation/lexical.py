@@ -100,7 +100,7 @@ def lexical_metrics(pairs: LexicalPairs, predicted: np.ndarray) -> dict[str, Any
 
 
 def evaluate_lexical(
-    encoder: Encoder, hyperlex: Path | str, prompt: str = DEFAULT_PROMPT, model: str | None = None, batch_size: int = 256
+    encoder: Encoder, hyperlex: Path | str, prompt: str = DEFAULT_PROMPT, model: str | None = None, batch_size: int | None = None
 ) -> dict[str, Any]:
     """HyperLex Spearman ρ of ``encoder``: embeds each distinct word once (in batches)."""
     pairs = read_hyperlex(hyperlex)

@@ -38,7 +38,7 @@ class SuiteSettings:
     wordnet_dir: str = ""  # a WordNet 3.0 dict folder, e.g. /usr/share/wordnet
     wordnet_chains: int = 500
     draft_size: int | None = None
-    text_batch_size: int = 256
+    text_batch_size: int | None = None  # None: 256 on a GPU, 64 on the CPU
     image_batch_size: int = 64
     workers: int = 0  # image-decoding worker processes
     image_cache: str = ""  # image-embedding cache folder ("" = no cache); see finetune.evaluation.image_cache

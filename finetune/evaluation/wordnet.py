@@ -298,7 +298,7 @@ def evaluate_wordnet(
     seed: int = 0,
     prompt: str = DEFAULT_PROMPT,
     model: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     include_instances: bool = False,
 ) -> dict[str, Any]:
     """WordNet hypernymy ordering metrics of ``encoder`` (module docstring); one batched text pass."""
