@@ -219,6 +219,8 @@ def _source(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
 
 def _load(auto_model: Any, spec: ModelSpec, what: str) -> tuple[Any, Any]:
     """Load model and tokenizer with one error policy; the model is in eval mode on its device."""
+    import transformers
+
     if _looks_local(spec.name_or_path) and not Path(spec.name_or_path).expanduser().exists():
         raise ModelLoadError(f"could not load {what} {spec.label!r}: no such file or folder\n"
                              "-> point the setting at a save_pretrained folder or a hub id (org/name)")
@@ -232,8 +234,6 @@ def _load(auto_model: Any, spec: ModelSpec, what: str) -> tuple[Any, Any]:
     if device.type == "cuda":
         # Place weights on the GPU while loading (no full CPU copy of a 13B model first).
         model_kwargs["device_map"] = {"": device.index if device.index is not None else 0}
-    import transformers
-
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)
         model = auto_model.from_pretrained(source, **model_kwargs)
