@@ -241,6 +241,10 @@ def _run(pipe, args: argparse.Namespace, server: TemporaryServer | None, read_ca
     import torch  # noqa: F401 - the stages' libraries: loaded here, while the server boots
     import transformers  # noqa: F401
 
+    from hierarcaps.models import quiet_library_progress
+
+    quiet_library_progress()  # again, transformers imported: before the flow starts worker processes
+
     try:
         api_url = server.wait_ready() if server is not None else None
         run_build(pipe.settings, pipe.output_dir, task_runner=args.task_runner, dask_address=args.dask_address,

@@ -386,25 +386,35 @@ def quiet_library_progress() -> None:
     Nor is transformers (seconds; a dry run or a no-op rerun loads no model): until it is,
     ``HF_HUB_DISABLE_PROGRESS_BARS`` (unless set) turns off huggingface_hub's bars when it is
     imported, and transformers, at its import, turns its own off when huggingface_hub's are.
-    Where the user set ``HF_HUB_DISABLE_PROGRESS_BARS`` to a false value (huggingface_hub's bars
-    shown), transformers is imported and told directly, so its own bars stay hidden.
+    Called again once transformers is imported, it tells transformers directly and drops that
+    variable, so that processes started from then on do not inherit it. Where the user set
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` to a false value (huggingface_hub's bars shown), transformers
+    is imported and told directly at once, so its own bars stay hidden.
     """
-    hub_choice = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    global _hub_variable_set
+    hub_choice = os.environ.get(_HUB_VARIABLE)
     if "transformers" in sys.modules or (hub_choice is not None and hub_choice.upper() not in _TRUE):
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        if _hub_variable_set:  # huggingface_hub, imported by transformers, has read it
+            os.environ.pop(_HUB_VARIABLE, None)
+            _hub_variable_set = False
     elif "huggingface_hub" in sys.modules:  # imported already: the variable would not be read again
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    else:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    elif hub_choice is None:
+        os.environ[_HUB_VARIABLE] = "1"
+        _hub_variable_set = True
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     else:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+_HUB_VARIABLE = "HF_HUB_DISABLE_PROGRESS_BARS"
 #: Values huggingface_hub reads as true in its environment variables.
 _TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+#: Whether quiet_library_progress set ``HF_HUB_DISABLE_PROGRESS_BARS`` (to drop it once it is read).
+_hub_variable_set = False

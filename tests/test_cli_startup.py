@@ -122,14 +122,20 @@ def test_library_progress_bars_stay_quiet_when_transformers_is_imported_later(ca
             + "import sys\nfrom hierarcaps.models import quiet_library_progress\nquiet_library_progress()\n"
             "imported = 'transformers' in sys.modules\n"
             "from transformers.utils import logging\nfrom huggingface_hub.utils import are_progress_bars_disabled\n"
-            "print(imported, logging.is_progress_bar_enabled(), are_progress_bars_disabled())\n")
+            "bars = (logging.is_progress_bar_enabled(), are_progress_bars_disabled())\n"
+            "quiet_library_progress()  # again, as build-hierarcaps does before the flow starts workers\n"
+            "import os\nprint(imported, *bars, logging.is_progress_bar_enabled(), are_progress_bars_disabled(),\n"
+            "      os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))\n")
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
                             timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
-    imported, transformers_bars, hub_bars_off = result.stdout.split()
+    imported, transformers_bars, hub_bars_off, *after_second_call, variable = result.stdout.split()
     assert transformers_bars == "False"  # transformers' own bars: always off
     assert hub_bars_off == ("False" if case == "user shows hub bars" else "True")  # the user's choice wins
     assert imported == ("False" if case == "transformers later" else "True")
+    assert after_second_call == [transformers_bars, hub_bars_off]
+    # the variable set for huggingface_hub's import is dropped once read: child processes do not inherit it
+    assert variable == ("0" if case == "user shows hub bars" else "None")
 
 
 @pytest.mark.parametrize(("user_value", "expected"), [(None, "600.0"), ("45", "45.0")])
