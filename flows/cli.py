@@ -35,9 +35,10 @@ from flows.server import ServerStartError, TemporaryServer
 from hierarcaps.estimate import add_estimate_arguments, print_estimate
 from hierarcaps.summary import format_table, kept_work, summary_rows
 
-# hierarcaps.settings, hierarcaps.models and Prefect import torch, transformers or a web stack
-# (seconds, tens of seconds on a busy machine): they are imported inside the functions, after a
-# build that will run has started Prefect's temporary server, so that the server boots meanwhile.
+# Prefect, torch and transformers take seconds to import (tens of seconds on a busy machine): a dry
+# run and a no-op rerun import none of them (hierarcaps.settings, .models and .pipeline import them
+# only where a model is loaded), and a build that will run imports them in _run, after it has
+# started Prefect's temporary server, so that the server boots meanwhile.
 
 RESUME_HINT = "rerun the same command to resume"
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
@@ -237,6 +238,12 @@ def _run(pipe, args: argparse.Namespace, server: TemporaryServer | None, read_ca
     if read_captions and _report(check_caption_content(pipe.settings)):
         return 2
     from flows.build import run_build
+    import torch  # noqa: F401 - the stages' libraries: loaded here, while the server boots
+    import transformers  # noqa: F401
+
+    from hierarcaps.models import quiet_library_progress
+
+    quiet_library_progress()  # again, transformers imported: before the flow starts worker processes
 
     try:
         api_url = server.wait_ready() if server is not None else None

@@ -25,8 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
@@ -88,6 +86,9 @@ class TemporaryServer:
 
     def wait_ready(self, timeout: float | None = None) -> str:
         """Wait until the server answers its health check; returns its API URL."""
+        import urllib.error  # here, not at the top: a no-op rerun or a dry run imports this module, starting no server
+        import urllib.request
+
         limit = startup_timeout() if timeout is None else timeout
         assert self.process is not None, "start() first"
         while True:

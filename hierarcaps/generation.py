@@ -40,13 +40,15 @@ are removed before decoding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hierarcaps.hierarchy import BACKWARD, FORWARD
 from hierarcaps.models import model_provenance_id
+
+# numpy and torch are imported by the functions that sample, not here: the stage settings that
+# every command reads live in modules that import this one.
+if TYPE_CHECKING:
+    import torch
 
 NEWLINE = "\n"
 
@@ -98,6 +100,8 @@ class Sampled:
 
 def sample_seed(seed: int, index: int) -> int:
     """A 31-bit seed for sub-call or sample ``index`` of a call seeded ``seed`` (distinct per index)."""
+    import numpy as np
+
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
@@ -273,6 +277,8 @@ class TextGenerator:
         seed: int,
     ) -> list[Sampled]:
         """One ``model.generate`` over the prompts, seeded; each row's ids end at its first eos id."""
+        import torch
+
         inputs = self._pad(prompt_ids)
         with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
@@ -300,6 +306,8 @@ class TextGenerator:
 
     def decode(self, sequences: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Decode token id rows dropping special tokens other than ``keep_tokens``."""
+        import torch
+
         drop = set(self.tokenizer.all_special_ids) - set(self._keep_ids())
         rows = sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences
         rows = [[i for i in row if i not in drop] for row in rows]
@@ -323,6 +331,8 @@ class TextGenerator:
 
     def _pad(self, prompt_ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Pad (left for causal LMs, so continuations start at one column) and move to device."""
+        import torch
+
         width = max(len(ids) for ids in prompt_ids)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)

@@ -38,10 +38,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
+# torch and transformers are imported by the functions that load models, not here: ModelSpec
+# and the helpers below are read by settings, dry runs and no-op reruns, which load no model.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ModelLoadError",
@@ -55,12 +57,27 @@ __all__ = [
     "resolve_dtype",
 ]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The ``dtype`` settings other than ``auto`` (torch dtypes of the same names: :data:`DTYPES`).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "4bit")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-# transformers renamed ``torch_dtype`` to ``dtype`` in 4.56.
-_TRANSFORMERS_VERSION = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-_DTYPE_KWARG = "dtype" if _TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (dtype name -> torch dtype), made on first use so that importing this module needs no torch."""
+    if name == "DTYPES":
+        import torch
+
+        return {dtype: getattr(torch, dtype) for dtype in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _dtype_kwarg() -> str:
+    """The ``from_pretrained`` keyword for the dtype: transformers renamed ``torch_dtype`` to ``dtype`` in 4.56."""
+    import transformers
+
+    version = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if version >= (4, 56) else "torch_dtype"
 
 
 class ModelLoadError(RuntimeError):
@@ -100,10 +117,10 @@ class ModelSpec:
                 f"model {self.name_or_path!r}: quantization {self.quantization!r} is not supported; "
                 "use none or 4bit"
             )
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ValueError(
                 f"model {self.name_or_path!r}: dtype {self.dtype!r} is not supported; "
-                f"use auto, {', '.join(DTYPES)}"
+                f"use auto, {', '.join(DTYPE_NAMES)}"
             )
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"model {self.name_or_path!r}: batch_size must be >= 1, got {self.batch_size}")
@@ -116,6 +133,8 @@ class ModelSpec:
 
 def resolve_device(spec: ModelSpec) -> torch.device:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    import torch
+
     if spec.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -131,8 +150,10 @@ def resolve_device(spec: ModelSpec) -> torch.device:
 
 def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU."""
+    import torch
+
     if spec.dtype != "auto":
-        return DTYPES[spec.dtype]
+        return getattr(torch, spec.dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -151,6 +172,9 @@ def _quantization_config(spec: ModelSpec, device: torch.device) -> Any:
     except ImportError as exc:
         raise ModelLoadError(f"model {spec.label}: 4-bit quantization needs the bitsandbytes package; "
                              "pip install bitsandbytes, or set quantization to none") from exc
+    import torch
+    import transformers
+
     return transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
@@ -195,6 +219,8 @@ def _source(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
 
 def _load(auto_model: Any, spec: ModelSpec, what: str) -> tuple[Any, Any]:
     """Load model and tokenizer with one error policy; the model is in eval mode on its device."""
+    import transformers
+
     if _looks_local(spec.name_or_path) and not Path(spec.name_or_path).expanduser().exists():
         raise ModelLoadError(f"could not load {what} {spec.label!r}: no such file or folder\n"
                              "-> point the setting at a save_pretrained folder or a hub id (org/name)")
@@ -202,7 +228,7 @@ def _load(auto_model: Any, spec: ModelSpec, what: str) -> tuple[Any, Any]:
     dtype = resolve_dtype(spec, device)
     quantization = _quantization_config(spec, device)
     source, kwargs = _source(spec)
-    model_kwargs: dict[str, Any] = {**kwargs, _DTYPE_KWARG: dtype}
+    model_kwargs: dict[str, Any] = {**kwargs, _dtype_kwarg(): dtype}
     if quantization is not None:
         model_kwargs["quantization_config"] = quantization
     if device.type == "cuda":
@@ -228,6 +254,8 @@ def load_causal_lm(spec: ModelSpec) -> tuple[Any, Any]:
     The tokenizer pads on the left; a tokenizer without a pad token pads with ``eos``, and the
     model's generation config uses that pad id (so ``generate`` needs no extra arguments).
     """
+    import transformers
+
     model, tokenizer = _load(transformers.AutoModelForCausalLM, spec, "causal language model")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -242,6 +270,8 @@ def load_causal_lm(spec: ModelSpec) -> tuple[Any, Any]:
 
 def load_seq2seq_lm(spec: ModelSpec) -> tuple[Any, Any]:
     """Load an encoder-decoder LM (e.g. Flan-T5) and its tokenizer."""
+    import transformers
+
     return _load(transformers.AutoModelForSeq2SeqLM, spec, "seq2seq language model")
 
 
@@ -265,6 +295,8 @@ def nli_label_indices(config: Any, model_label: str = "NLI model") -> dict[str, 
 
 def load_nli(spec: ModelSpec) -> tuple[Any, Any]:
     """Load a 3-way NLI sequence classifier and its tokenizer; checks its ``id2label``."""
+    import transformers
+
     model, tokenizer = _load(transformers.AutoModelForSequenceClassification, spec, "NLI model")
     nli_label_indices(model.config, f"NLI model {spec.label!r}")
     return model, tokenizer
@@ -351,11 +383,38 @@ def quiet_library_progress() -> None:
     for reading weights or writing an Arrow file last milliseconds and only interleave with them.
     ``datasets`` is not imported for this (it takes seconds, and ``hierarcaps-eval`` may never
     need it): until it is, ``HF_DATASETS_DISABLE_PROGRESS_BARS`` (unless set) tells it at import.
+    Nor is transformers (seconds; a dry run or a no-op rerun loads no model): until it is,
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` (unless set) turns off huggingface_hub's bars when it is
+    imported, and transformers, at its import, turns its own off when huggingface_hub's are.
+    Called again once transformers is imported, it tells transformers directly and drops that
+    variable, so that processes started from then on do not inherit it. Where the user set
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` to a false value (huggingface_hub's bars shown), transformers
+    is imported and told directly at once, so its own bars stay hidden.
     """
-    from transformers.utils import logging as transformers_logging
+    global _hub_variable_set
+    hub_choice = os.environ.get(_HUB_VARIABLE)
+    if "transformers" in sys.modules or (hub_choice is not None and hub_choice.upper() not in _TRUE):
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        if _hub_variable_set:  # huggingface_hub, imported by transformers, has read it
+            os.environ.pop(_HUB_VARIABLE, None)
+            _hub_variable_set = False
+    elif "huggingface_hub" in sys.modules:  # imported already: the variable would not be read again
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    elif hub_choice is None:
+        os.environ[_HUB_VARIABLE] = "1"
+        _hub_variable_set = True
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
     else:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+_HUB_VARIABLE = "HF_HUB_DISABLE_PROGRESS_BARS"
+#: Values huggingface_hub reads as true in its environment variables.
+_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+#: Whether quiet_library_progress set ``HF_HUB_DISABLE_PROGRESS_BARS`` (to drop it once it is read).
+_hub_variable_set = False

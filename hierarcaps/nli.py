@@ -26,12 +26,14 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 from hierarcaps.models import ModelSpec, load_nli, model_provenance_id, nli_label_indices
+
+# numpy and torch are imported by the functions that score, not here: the stage settings that
+# every command reads live in modules that import this one.
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -192,6 +194,8 @@ class NLIScorer:
 
     def score(self, pairs: Sequence[Pair]) -> NLIScores:
         """Probabilities of each (premise, hypothesis) pair, in input order; shapes (N,)."""
+        import numpy as np
+
         keys = [(str(premise), str(hypothesis)) for premise, hypothesis in pairs]
         missing = [key for key in dict.fromkeys(keys) if key not in self._memory]
         if missing and self._disk is not None:
@@ -234,6 +238,8 @@ class NLIScorer:
 
     def _forward(self, encoded: Any, batch: list[int]) -> list[tuple[float, float, float]]:
         """One forward pass over the pairs ``batch`` (indices into ``encoded``): (e, n, c) per pair."""
+        import torch
+
         features = [{key: values[i] for key, values in encoded.items()} for i in batch]
         padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
@@ -296,6 +302,8 @@ class ContradictionDecision:
 
 def entailed_not_entailing(scorer: Scorer, pairs: Sequence[tuple[str, str]]) -> EntailmentDecision:
     """Is each ``general`` entailed by its ``specific`` and not entailing it? One ``score`` call."""
+    import numpy as np
+
     n = len(pairs)
     queries = [(specific, general) for general, specific in pairs] + [(general, specific) for general, specific in pairs]
     entailment = scorer.score(queries).entailment if queries else np.zeros(0)
@@ -338,6 +346,8 @@ def hierarchy_entailment(
 
 def contradicts(scorer: Scorer, pairs: Sequence[tuple[str, str]]) -> ContradictionDecision:
     """Does ``a`` contradict ``b`` (p_c(a, b) > 0.5, a as premise)? One ``score`` call."""
+    import numpy as np
+
     contradiction = scorer.score(list(pairs)).contradiction if len(pairs) else np.zeros(0)
     p = np.asarray(contradiction, dtype=np.float64)
     return ContradictionDecision(ok=p > THRESHOLD, p_contradiction=p)

@@ -31,15 +31,13 @@ import fcntl
 import gc
 import math
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
-
-import numpy as np
-import torch
 
 from hierarcaps.stagedir import (
     StageDir,
@@ -54,6 +52,9 @@ from hierarcaps.stats import StageStats, merge_all
 
 if TYPE_CHECKING:
     from hierarcaps.settings import BuildSettings
+
+# numpy and torch are imported where a stage uses them, not here: planning a build, a dry run
+# and a no-op rerun need neither.
 
 FINAL = "final"
 STAGES_DIR = "stages"
@@ -546,6 +547,8 @@ def _completer(pipe: Pipeline, out: Path) -> list[StageStats]:
     pipe.backend("completer", spec)  # a vLLM completer must be decoder-only: fail before training
     model, tokenizer = pipe._naming_setting("completer", lambda: load_lm(spec))()
     _MODELS.described["completer_base"] = _describe(model)
+    import torch
+
     torch.manual_seed(pipe.settings.completer.seed)
     stats = train_completer(hierarchies, model, tokenizer, pipe.settings.completer, out / "model")
     del model
@@ -772,7 +775,8 @@ class ModelCache:
             self.described = {}
             self.stage = None
         gc.collect()
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")  # not imported: no model was loaded, nothing is cached on a GPU
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
@@ -803,6 +807,8 @@ class LengthRuleScorer:
         return getattr(self.scorer, name)
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> Any:
+        import numpy as np
+
         scores = self.scorer.score(pairs)
         entail = np.array([1.0 if len(a) > len(b) else 0.0 for a, b in pairs])
         contradict = np.array([0.0 if a == b else 1.0 for a, b in pairs])

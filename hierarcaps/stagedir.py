@@ -40,8 +40,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+# pyarrow is imported by the functions that read and write rows, not here: planning a build
+# (fingerprints, ``_SUCCESS`` records) needs none of it.
 
 SUCCESS = "_SUCCESS"
 TMP_MARK = ".tmp-"
@@ -158,6 +158,9 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], row_group_size: in
     ``row_group_size``: rows per Parquet row group (the shard size of the stage that reads the
     file in slices, so that each shard decodes only its own rows); default: pyarrow's.
     """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.Table.from_pylist(list(rows)) if rows else pa.table({})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_size)
@@ -165,6 +168,8 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], row_group_size: in
 
 def count_rows(path: Path) -> int:
     """Number of rows in a file written by :func:`write_rows` (from its metadata; nothing is decoded)."""
+    import pyarrow.parquet as pq
+
     _check_rows(path)
     return pq.ParquetFile(path).metadata.num_rows
 
@@ -174,6 +179,8 @@ def read_rows(path: Path, start: int = 0, stop: int | None = None) -> list[dict[
 
     Only the row groups that hold those rows are read and decoded.
     """
+    import pyarrow.parquet as pq
+
     _check_rows(path)
     parquet = pq.ParquetFile(path)
     meta = parquet.metadata

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
-import numpy as np
-
 T = TypeVar("T")
 
 
@@ -25,6 +23,8 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 def call_seed(*keys: int) -> int:
     """A 31-bit seed derived from integer keys (stage seed, attempt, step, batch ...)."""
+    import numpy as np  # here, not at the top: the stage settings are read without numpy
+
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0] & 0x7FFFFFFF)
 
 

@@ -35,14 +35,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
-from tokenizers import AddedToken
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hierarcaps.hierarchy import BACKWARD, FORWARD, N_TIERS, Rejection, completer_prompt, format_chain, normalize_text
 from hierarcaps.stats import StageStats
 from hierarcaps.stagedir import follow_umask
+
+# torch and tokenizers are imported by the functions that train, not here: the settings
+# (CompleterSettings) are read by every command, most of which train nothing.
+if TYPE_CHECKING:
+    import torch
 
 NOT_FOUR_TIERS = "not_four_tiers"
 TRAINING_LOG = "training_log.json"
@@ -88,6 +90,8 @@ def add_delimiter_tokens(tokenizer: Any, model: Any | None = None) -> list[str]:
     """
     missing = [d for d in (FORWARD, BACKWARD) if not has_single_token(tokenizer, d)]
     if missing:
+        from tokenizers import AddedToken
+
         tokenizer.add_tokens([AddedToken(d, special=True, normalized=False) for d in missing], special_tokens=True)
         if model is not None:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -153,13 +157,16 @@ def _valid_hierarchies(hierarchies: Sequence[Sequence[str]], stats: StageStats) 
 
 def _train(
     hierarchies: list[list[str]], model: Any, tokenizer: Any, settings: CompleterSettings,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """The training loop; returns the log (per-step losses, per-epoch mean losses, seconds).
 
-    ``model`` holds the (float32) weights AdamW updates; on CUDA a half ``compute_dtype`` runs
-    the forward pass under autocast, with a gradient scaler for float16.
+    ``model`` holds the (float32) weights AdamW updates; on CUDA a half ``compute_dtype``
+    (default: float32) runs the forward pass under autocast, with a gradient scaler for float16.
     """
+    import torch
+
+    compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
     rng = random.Random(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
     device_type = model.device.type
@@ -208,6 +215,8 @@ def _encode_causal(tokenizer: Any, pairs: Sequence[tuple[str, str]], settings: C
     The input is tokenized alone, exactly as the generator tokenizes the prompt at inference,
     so the model learns to continue those very ids.
     """
+    import torch
+
     inputs, targets = zip(*pairs)
     prompt_ids = tokenizer(list(inputs), max_length=settings.max_source_length, truncation=True)["input_ids"]
     target_ids = tokenizer([" " + t for t in targets], max_length=settings.max_target_length - 1,
@@ -228,6 +237,8 @@ def _encode_causal(tokenizer: Any, pairs: Sequence[tuple[str, str]], settings: C
 def _save(model: Any, tokenizer: Any, settings: CompleterSettings, log: dict[str, Any],
           added: list[str], output_dir: Path) -> None:
     """Write model, tokenizer and log into a temporary sibling folder, then rename it."""
+    import torch
+
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     model.save_pretrained(tmp)
