@@ -28,6 +28,7 @@ The metrics of all runs must be identical; the script says so, or exits 1.
     python benchmarks/bench_eval.py --no-commands --checkpoints 5         # a series of 5 checkpoints
     python benchmarks/bench_eval.py --model openai/clip-vit-base-patch32   # where the hub is reachable
     python benchmarks/bench_eval.py --backend open-clip --random-arch ViT-B-32   # real-size towers, random weights
+    python benchmarks/bench_eval.py --random-arch ViT-B-32 --rows 100          # the released model's towers (hf-clip)
 """
 
 from __future__ import annotations
@@ -172,6 +173,20 @@ def lean_loop(backend, test: RetrievalSet, images_dir: Path, steps: int) -> dict
     return {**summarize(np.array(precisions), np.array(recalls), tau), "phase_s": phases}
 
 
+def random_hf_clip_b32(out: Path) -> str:
+    """``CLIPModel`` with the released ViT-B/32's towers (transformers' CLIPConfig defaults: text
+    12 x 512, vision 12 x 768, patch 32, 224 px) and random weights, with the tiny model's
+    tokenizer (its vocabulary sets the embedding table) and CLIP's 224 px preprocessing."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model("hf_clip", out.parent / "tokenizer-source"))
+    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(image_size=224, patch_size=32))).save_pretrained(out)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(out)
+    return str(out)
+
+
 def text_fine_tuned(kind: str, model: str, out: Path, seed: int) -> str:
     """A stand-in for a checkpoint of text-only fine-tuning: ``model`` with its text-tower weights
     moved by seeded noise and its image tower untouched, saved to ``out``."""
@@ -249,8 +264,8 @@ def main() -> None:
     parser.add_argument("--backend", default="hf-clip", choices=("hf-clip", "open-clip"))
     parser.add_argument("--model", default=None, help="model to load (default: a tiny random one built now)")
     parser.add_argument("--random-arch", default=None, metavar="NAME",
-                        help="open_clip architecture (e.g. ViT-B-32) with random weights, saved once and loaded "
-                             "by every run: real-size towers without downloading weights")
+                        help="architecture with random weights, saved once and loaded by every run: real-size "
+                             "towers without downloading weights (open-clip: any name, e.g. ViT-B-32; hf-clip: ViT-B-32)")
     parser.add_argument("--rows", type=int, default=1000, help="test rows to use (first N)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default="cpu")
@@ -276,10 +291,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    if args.random_arch and args.backend != "open-clip":
-        parser.error("--random-arch needs --backend open-clip")
+    if args.random_arch and args.backend == "hf-clip" and args.random_arch != "ViT-B-32":
+        parser.error("--random-arch with --backend hf-clip: only ViT-B-32 (open_clip names any architecture)")
     if args.random_arch:
-        model = str(load_backend("open-clip", args.random_arch).save(tmp / "model"))
+        model = random_hf_clip_b32(tmp / "model") if args.backend == "hf-clip" else \
+            str(load_backend("open-clip", args.random_arch).save(tmp / "model"))
     else:
         model = args.model or str(build_tiny_model(args.backend.replace("-", "_"), tmp / "model"))
     backend = load_backend(args.backend, model, device=args.device)

@@ -40,6 +40,61 @@ def test_encode_text_is_normalised_batched_and_matches_training_path(backend):
     assert backend.encode_text([]).shape == (0, backend.embed_dim)
 
 
+CAPTIONS = TEXTS + [f"a {w} standing near {n} small boats in the harbour" for n in range(12) for w in ("dog", "goat")]
+
+
+def test_padding_bounded_batches_hand_cases():
+    from finetune.backends import padding_bounded_batches
+
+    assert padding_bounded_batches([], 4, 0.1) == []
+    assert padding_bounded_batches([5, 5, 5, 5, 5], 4, 0.1) == [(0, 4), (4, 5)]  # the cap
+    # 3, 3 then 10: padding 3, 3 to 10 would be 14 of 30 tokens (> 10 %): 10 starts a batch;
+    # 10, 11: 22 tokens for 21 real (4.8 %) stay together; 20 alone.
+    assert padding_bounded_batches([3, 3, 10, 11, 20], 8, 0.1) == [(0, 2), (2, 4), (4, 5)]
+    assert padding_bounded_batches([3, 3, 10, 11, 20], 8, 10.0) == [(0, 5)]  # padding allowed: one batch
+
+
+def test_encode_text_by_length_gives_each_call_its_own_tokenization(backend, monkeypatch):
+    """Each call gets exactly the tensors of tokenizing its texts alone; the embeddings are
+    encode_text's, in input order; calls hold at most max_batch texts of similar length."""
+    seen: list[dict[str, torch.Tensor]] = []
+    original = type(backend).encode_tokens
+    monkeypatch.setattr(type(backend), "encode_tokens", lambda self, tok: seen.append(tok) or original(self, tok))
+    emb = backend.encode_text_by_length(CAPTIONS, max_batch=8)
+    calls = list(seen)
+    seen.clear()
+    assert all(len(next(iter(tok.values()))) <= 8 for tok in calls)
+    assert sum(len(next(iter(tok.values()))) for tok in calls) == len(CAPTIONS)
+    for tok in calls:  # the texts of this call, from their token ids, tokenized on their own
+        ids = next(iter(tok.values()))
+        texts = [CAPTIONS[j] for j in _rows_of(backend, ids)]
+        alone = backend.tokenize(texts)
+        assert alone.keys() == tok.keys() and all(torch.equal(alone[k], tok[k]) for k in tok)
+    seen.clear()
+    torch.testing.assert_close(emb, backend.encode_text(CAPTIONS, batch_size=1), rtol=0, atol=1e-5)
+    assert backend.encode_text_by_length([], 8).shape == (0, backend.embed_dim)
+
+
+def _rows_of(backend, ids: torch.Tensor) -> list[int]:
+    """Indices in CAPTIONS of the token-id rows ``ids`` (each caption tokenizes to distinct ids)."""
+    full = next(iter(backend.tokenize(CAPTIONS).values()))
+    return [next(j for j in range(len(CAPTIONS)) if torch.equal(full[j, : row.shape[0]], row)
+                 and bool((full[j, row.shape[0]:] == full[j, -1]).all() if row.shape[0] < full.shape[1] else True))
+            for row in ids]
+
+
+def test_encode_text_by_length_with_left_padding_falls_back(tiny_hf_clip_dir):
+    """A left-padding tokenizer cannot be cut at a batch's longest text: the texts go to
+    encode_text in character-length order, and come back in input order."""
+    backend = load_backend("hf-clip", tiny_hf_clip_dir)
+    backend.tokenizer.padding_side = "left"
+    order = sorted(range(len(CAPTIONS)), key=lambda i: len(CAPTIONS[i]))
+    by_length = backend.encode_text([CAPTIONS[i] for i in order], batch_size=8)
+    expected = torch.empty_like(by_length)
+    expected[torch.as_tensor(order)] = by_length
+    torch.testing.assert_close(backend.encode_text_by_length(CAPTIONS, 8), expected, rtol=0, atol=0)
+
+
 def test_encode_tokens_is_differentiable_into_the_text_tower(backend):
     backend.set_trainable("text")
     backend.model.zero_grad()

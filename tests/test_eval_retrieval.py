@@ -430,13 +430,14 @@ def test_text_batches_default_to_the_device(tiny_hf_clip_dir, monkeypatch):
     assert text_batch_size(backend) == 256
     monkeypatch.undo()
 
+    backend.embed_dim  # measured once, by encoding one text: not one of the calls counted below
     calls: list[int] = []
     original = HFClipBackend.encode_tokens
     monkeypatch.setattr(HFClipBackend, "encode_tokens", lambda self, tok: calls.append(len(tok["input_ids"])) or original(self, tok))
     texts = [f"a photo of {i} goats on an island" for i in range(150)]
     auto = encode_texts(backend, texts)
-    assert calls == [64, 64, 22]
+    assert max(calls) == 64 and sum(calls) == 150  # at most 64 per call (fewer where lengths jump)
     calls.clear()
     explicit = encode_texts(backend, texts, batch_size=150)
-    assert calls == [150]
+    assert max(calls) > 64 and sum(calls) == 150
     torch.testing.assert_close(auto, explicit, rtol=0, atol=1e-6)

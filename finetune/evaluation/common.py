@@ -64,14 +64,19 @@ def text_batch_size(encoder: Encoder, requested: int | None = None) -> int:
 def encode_texts(encoder: Encoder, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
     """Normalised embeddings of ``texts`` in batches: (N, D) float32 on the CPU, in input order.
 
-    ``batch_size``: texts per model call (None: :func:`text_batch_size`'s default for the device).
+    ``batch_size``: most texts per model call (None: :func:`text_batch_size`'s default for the device).
 
     Texts are encoded in order of length, so each batch pads to about its own texts' length
     (test sets mix two-word tiers with long captions; unsorted, most batches pad to the longest).
+    A backend (``finetune.backends.Backend.encode_text_by_length``) sorts by token length and also
+    cuts a batch where padding would pass a tenth of its tokens; other encoders get character-length order.
     """
     texts = list(texts)
+    size = text_batch_size(encoder, batch_size)
+    if hasattr(encoder, "encode_text_by_length"):
+        return encoder.encode_text_by_length(texts, size).float().cpu()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    emb = encoder.encode_text([texts[i] for i in order], batch_size=text_batch_size(encoder, batch_size)).float().cpu()
+    emb = encoder.encode_text([texts[i] for i in order], batch_size=size).float().cpu()
     out = torch.empty_like(emb)
     out[torch.as_tensor(order, dtype=torch.long)] = emb
     return out
