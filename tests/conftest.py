@@ -22,10 +22,29 @@ os.environ.setdefault("HIERARCAPS_IMAGE_CACHE", tempfile.mkdtemp(prefix="hierarc
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from pathlib import Path  # noqa: E402  (after the environment settings above)
+from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 
 from hierarcaps.tiny_models import build_tiny_model  # noqa: E402
+
+REAL_TEST_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "hierarcaps" / "hierarcaps_test.csv"
+
+
+@pytest.fixture
+def real_test_rows(tmp_path: Path) -> Callable[[int], Path]:
+    """``write(n)``: the header and first ``n`` rows of the real curated test CSV, as a file under
+    ``tmp_path``. Skips the test where ``../shared/data`` is absent."""
+    if not REAL_TEST_CSV.is_file():
+        pytest.skip(f"real HierarCaps data not found at {REAL_TEST_CSV.parent}")
+
+    def write(n: int) -> Path:
+        out = tmp_path / f"test-{n}.csv"
+        out.write_text("".join(REAL_TEST_CSV.read_text().splitlines(keepends=True)[: n + 1]))
+        return out
+
+    return write
+
 
 # Tiny random models with real architectures (hierarcaps.tiny_models), built once per test
 # session into a temporary folder; each fixture returns the save_pretrained folder.

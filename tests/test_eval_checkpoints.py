@@ -18,13 +18,9 @@ SCORES = ("precision", "recall", "f1", "tau_d")
 
 
 @pytest.fixture
-def subset(tmp_path: Path) -> Path:
+def subset(real_test_rows) -> Path:
     """The first 16 rows of the real curated test set."""
-    if not (DATA / "hierarcaps_test.csv").is_file():
-        pytest.skip(f"real HierarCaps data not found at {DATA}")
-    out = tmp_path / "test.csv"
-    out.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:17]))
-    return out
+    return real_test_rows(16)
 
 
 def _text_fine_tuned(base: Path, out: Path, seed: int) -> Path:

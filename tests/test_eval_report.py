@@ -197,13 +197,10 @@ def test_qualitative_chains_walk_out_from_the_root(tmp_path):
     assert chains == [["animal", "dog", "dog on grass"]]
 
 
-def test_qualitative_report_on_real_images_with_two_models(tiny_hf_clip_dir, tiny_open_clip_dir, tmp_path):
-    if not (DATA / "hierarcaps_test.csv").is_file():
-        pytest.skip(f"real HierarCaps data not found at {DATA}")
+def test_qualitative_report_on_real_images_with_two_models(tiny_hf_clip_dir, tiny_open_clip_dir, real_test_rows, tmp_path):
     from finetune.backends import load_backend
 
-    subset = tmp_path / "test.csv"
-    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:41]))
+    subset = real_test_rows(40)
     encoders = [("hf-clip", load_backend("hf-clip", tiny_hf_clip_dir)), ("open-clip", load_backend("open-clip", tiny_open_clip_dir))]
     written = qualitative_report(encoders, subset, DATA / "test_imgs", tmp_path / "out", max_images=12, draft_size=64)
     parsed = _parse(written["html"])
@@ -221,16 +218,13 @@ def test_qualitative_report_on_real_images_with_two_models(tiny_hf_clip_dir, tin
     assert "| precision |" in written["comparison"].read_text()
 
 
-def test_suite_and_compare_before_after(tiny_hf_clip_dir, tmp_path):
+def test_suite_and_compare_before_after(tiny_hf_clip_dir, real_test_rows, tmp_path):
     """The finetune flow's path: evaluate two checkpoints, then compare them in markdown."""
-    if not (DATA / "hierarcaps_test.csv").is_file():
-        pytest.skip(f"real HierarCaps data not found at {DATA}")
     from finetune.backends import load_backend
     from finetune.evaluation.cli import main
     from finetune.evaluation.suite import SuiteSettings, evaluate_checkpoint
 
-    subset = tmp_path / "test.csv"
-    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:21]))
+    subset = real_test_rows(20)
     settings = SuiteSettings(test_source=str(subset), images_dir=str(DATA / "test_imgs"), draft_size=64)
     backend = load_backend("hf-clip", tiny_hf_clip_dir)
     before = evaluate_checkpoint(backend, tmp_path / "before", settings, model="tiny")

@@ -77,13 +77,10 @@ def test_labelled_images_rejects_unknown_folder(tmp_path):
         labelled_images(root, ["red", "green"])
 
 
-def test_text_to_image_retrieval_on_real_rows_with_tiny_clip(tiny_hf_clip_dir, tmp_path):
-    if not (DATA / "hierarcaps_test.csv").is_file():
-        pytest.skip(f"real HierarCaps data not found at {DATA}")
+def test_text_to_image_retrieval_on_real_rows_with_tiny_clip(tiny_hf_clip_dir, real_test_rows):
     from finetune.backends import load_backend
 
-    subset = tmp_path / "sub.csv"
-    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:61]))
+    subset = real_test_rows(60)
     m = text_to_image_retrieval(load_backend("hf-clip", tiny_hf_clip_dir), subset, DATA / "test_imgs", draft_size=64)
     assert m["n_queries"] == 60 and m["n_images"] == 60
     assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1

@@ -346,14 +346,12 @@ def test_released_path_on_real_test_set_with_tiny_clip(tiny_hf_clip_dir):
     assert summarize(out["precision"], out["recall"], out["tau"]) == summarize(run.precision, run.recall, run.tau)
 
 
-def test_released_control_flow_gives_our_metrics_on_real_rows(tiny_hf_clip_dir, tmp_path):
+def test_released_control_flow_gives_our_metrics_on_real_rows(tiny_hf_clip_dir, real_test_rows):
     """``benchmarks/bench_eval.released_loop`` follows the authors' evaluator step by step (pandas
     rows, COCO ids from a folder listing, one model call per row and per image, a masked torch
     arg-max per image and threshold): an independent implementation of the released semantics.
     On real rows and images our vectorised evaluator must give exactly its P, R and tau_d, and
     the benchmark's speed-ups are only meaningful if it does."""
-    if not (DATA / "hierarcaps_test.csv").is_file():
-        pytest.skip(f"real HierarCaps data not found at {DATA}")
     import importlib.util
 
     from finetune.backends import load_backend
@@ -363,8 +361,7 @@ def test_released_control_flow_gives_our_metrics_on_real_rows(tiny_hf_clip_dir, 
     spec = importlib.util.spec_from_file_location("bench_eval", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    csv = tmp_path / "test.csv"
-    csv.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:81]))
+    csv = real_test_rows(80)
     backend = load_backend("hf-clip", tiny_hf_clip_dir)
     released = bench.released_loop(backend, csv, DATA / "test_imgs", 50)
     ours = evaluate_retrieval(backend, csv, DATA / "test_imgs", "released", 50, str(tiny_hf_clip_dir), workers=0)
@@ -373,13 +370,10 @@ def test_released_control_flow_gives_our_metrics_on_real_rows(tiny_hf_clip_dir, 
         assert ours[key] == pytest.approx(released[key], abs=1e-12), key
 
 
-def test_cli_retrieval_writes_metrics_json(tiny_open_clip_dir, tmp_path, capsys):
-    if not (DATA / "hierarcaps_test.csv").is_file():
-        pytest.skip(f"real HierarCaps data not found at {DATA}")
+def test_cli_retrieval_writes_metrics_json(tiny_open_clip_dir, real_test_rows, tmp_path, capsys):
     from finetune.evaluation.cli import main
 
-    subset = tmp_path / "test.csv"
-    subset.write_text("".join((DATA / "hierarcaps_test.csv").read_text().splitlines(keepends=True)[:31]))
+    subset = real_test_rows(30)
     out = tmp_path / "m" / "metrics.json"
     argv = ["retrieval", "--backend", "open-clip", "--model", str(tiny_open_clip_dir), "--test-csv", str(subset),
             "--images", str(DATA / "test_imgs"), "--variant", "paper", "--draft-size", "64", "--output", str(out)]
